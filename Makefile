@@ -1,0 +1,26 @@
+# Two commands on a fresh machine (Python >= 3.10 with venv): `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup demo test bench
+
+setup: $(VENV)/.installed
+
+# torch first, as the CPU wheel pinned here (any other spec pulls the CUDA build)
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/python train.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/edit_throughput.py

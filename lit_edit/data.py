@@ -1,0 +1,585 @@
+"""Edit-request streams: benchmark readers and the resumable :class:`EditDataModule`.
+
+A run is one pass (one epoch) over a stream of :class:`~lit_edit.requests.EditRequest`; each
+training step applies one batch of edits. Three pieces:
+
+* **Readers** turn benchmark records (loaded through HF ``datasets``, from a local JSON/JSONL
+  file or directory, or a hub id) into validated requests: :func:`read_counterfact`,
+  :func:`read_zsre`, the ``"world"`` reader (CounterFact schema, ``source="world"``), and the
+  dispatcher :func:`read_requests`. Every request is validated when it is read, so a bad record
+  fails at load time with an :class:`~lit_edit.requests.EditRequestError` naming its case id and
+  field, not halfway through an editing run.
+* :class:`StreamCursor` records how many batches of the stream have been *applied*.
+* :class:`EditLoader` / :class:`EditDataModule` batch the stream in order and checkpoint the
+  cursor, so ``Trainer.fit(ckpt_path=...)`` continues with the first unapplied batch.
+
+Why the cursor counts *applied* batches rather than batches handed out: Lightning's fetcher
+prefetches one batch ahead, so a loader that counted its own yields would be one ahead of the
+edits actually written into the model when a checkpoint is saved. The editing callback calls
+:meth:`EditDataModule.mark_applied` after each successful step instead (it must run before
+``ModelCheckpoint`` in ``on_train_batch_end``; Lightning orders checkpoint callbacks last).
+
+Distributed runs: the module does its own batching. Every rank gets the same, full batch (the
+editing module shards it, gathers keys and targets, and applies the identical update on every
+rank), so the trainer must not inject a ``DistributedSampler``: use
+``Trainer(use_distributed_sampler=False)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Sampler
+
+from lit_edit.requests import EditRequest, EditRequestError
+
+log = logging.getLogger(__name__)
+
+ON_INVALID = ("raise", "skip")
+ZSRE_TARGET_FIELDS = ("answers", "alt")
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# Raw records
+# --------------------------------------------------------------------------------------------
+
+
+def load_records(path_or_id: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Load raw records as plain dicts, in file order, through HF ``datasets``.
+
+    A local ``.json``/``.jsonl`` file or a directory of them is read with the ``json`` builder
+    (a directory's files named ``train``/``test``/... become splits, as ``datasets`` infers them;
+    otherwise every file is ``train``); anything else is taken as a hub dataset id. ``limit``
+    keeps the first N records in file order, not a random sample: the reference protocol edits
+    the first N records of a benchmark.
+
+    Note that the ``json`` builder unifies the schema across records: a key missing from one
+    record comes back as ``None`` (the readers turn that into an :class:`EditRequestError`).
+    """
+    import datasets  # imported here: `datasets` is heavy and only needed when data is read
+
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or >= 0, got {limit}")
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        dataset = datasets.load_dataset("json", data_dir=str(path), split=split)
+    elif path.is_file():
+        dataset = datasets.load_dataset("json", data_files=str(path), split=split)
+    elif path.suffix in (".json", ".jsonl"):
+        raise FileNotFoundError(f"edit records file not found: {path}")
+    else:
+        dataset = datasets.load_dataset(path_or_id, split=split)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset.to_list()
+
+
+def _get(record: dict, key: str, case_id: Any, field_name: str | None = None) -> Any:
+    """``record[key]``, or an :class:`EditRequestError` naming the case and field.
+
+    A key absent from every record of a file is missing from the dict; a key absent from only
+    some records is ``None`` after ``datasets`` unified the schema. Both mean "missing".
+    """
+    value = record.get(key, _MISSING) if isinstance(record, dict) else _MISSING
+    if value is _MISSING or value is None:
+        raise EditRequestError(case_id, field_name or key, f"missing key {key!r} in the record")
+    return value
+
+
+def _str_list(record: dict, key: str) -> list[str]:
+    """An optional list-of-prompts field; missing (or ``None`` after unification) means empty."""
+    value = record.get(key)
+    return list(value) if value is not None else []
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_on_invalid(on_invalid: str) -> None:
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+
+
+def _collect(
+    records: list[dict], build: Callable[[int, dict], list[EditRequest]], on_invalid: str
+) -> list[EditRequest]:
+    """Build and validate the requests of every record; bad records raise or are skipped.
+
+    ``build(index, record)`` returns the record's requests (one, or several for MQuAKE-style
+    multi-rewrite records) or raises :class:`EditRequestError`. With ``on_invalid="skip"`` a bad
+    record is dropped whole (all of its rewrites) and logged with its case id and reason, so a
+    benchmark with a few unusable records can still be run, visibly.
+    """
+    _check_on_invalid(on_invalid)
+    requests: list[EditRequest] = []
+    n_skipped = 0
+    for index, record in enumerate(records):
+        try:
+            built = [request.validate() for request in build(index, record)]
+        except EditRequestError as err:
+            if on_invalid == "raise":
+                raise
+            n_skipped += 1
+            log.warning("skipping invalid edit record: %s", err)
+            continue
+        requests.extend(built)
+    if n_skipped:
+        log.warning("skipped %d of %d edit records as invalid", n_skipped, len(records))
+    check_unique_case_ids(requests)
+    return requests
+
+
+def check_unique_case_ids(requests: list[EditRequest]) -> None:
+    """Reject a stream with a repeated case id.
+
+    Case ids key metrics and checkpoints; a repeat usually means the same data was concatenated
+    twice, which would apply an edit twice. This is never skipped, whatever ``on_invalid`` says.
+    """
+    seen: set = set()
+    for request in requests:
+        if request.case_id in seen:
+            raise EditRequestError(request.case_id, "case_id", "duplicate case id in the edit stream")
+        seen.add(request.case_id)
+
+
+def _counterfact_rewrite(case_id: Any, rewrite: Any, record: dict, source: str) -> EditRequest:
+    """One CounterFact ``requested_rewrite`` (plus the record's evaluation prompts) as a request."""
+    if not isinstance(rewrite, dict):
+        raise EditRequestError(case_id, "requested_rewrite", f"expected an object, got {type(rewrite).__name__}")
+    target_new = _get(rewrite, "target_new", case_id)
+    target_true = _get(rewrite, "target_true", case_id)
+    return EditRequest(
+        case_id=case_id,
+        prompt=_get(rewrite, "prompt", case_id),
+        subject=_get(rewrite, "subject", case_id),
+        target_new=_get(target_new, "str", case_id, "target_new"),
+        target_true=_get(target_true, "str", case_id, "target_true"),
+        paraphrase_prompts=_str_list(record, "paraphrase_prompts"),
+        neighborhood_prompts=_str_list(record, "neighborhood_prompts"),
+        neighborhood_targets=None,  # CounterFact neighbours are scored against target_true
+        attribute_prompts=_str_list(record, "attribute_prompts"),
+        generation_prompts=_str_list(record, "generation_prompts"),
+        relation_id=rewrite.get("relation_id"),
+        source=source,
+    )
+
+
+def _counterfact_requests(index: int, record: dict, source: str) -> list[EditRequest]:
+    """The requests of one CounterFact record.
+
+    ``requested_rewrite`` may be a single rewrite (CounterFact) or a list of them (MQuAKE-CF,
+    AKEW). A list is flattened, as MQuAKE-style loaders do: one request per rewrite, in order,
+    the first keeping the record's case id and rewrite ``i > 0`` getting ``f"{case_id}_{i}"``.
+    """
+    case_id = record.get("case_id") if isinstance(record, dict) else None
+    if case_id is None:
+        raise EditRequestError(f"<record #{index}>", "case_id", "missing key 'case_id' in the record")
+    rewrites = _get(record, "requested_rewrite", case_id)
+    if not isinstance(rewrites, list):
+        return [_counterfact_rewrite(case_id, rewrites, record, source)]
+    if not rewrites:
+        raise EditRequestError(case_id, "requested_rewrite", "empty list of rewrites")
+    return [
+        _counterfact_rewrite(case_id if i == 0 else f"{case_id}_{i}", rewrite, record, source)
+        for i, rewrite in enumerate(rewrites)
+    ]
+
+
+def read_counterfact(
+    path_or_id: str,
+    split: str = "train",
+    limit: int | None = None,
+    *,
+    on_invalid: str = "raise",
+    source: str = "counterfact",
+) -> list[EditRequest]:
+    """Read CounterFact-schema records (CounterFact, MQuAKE-CF/AKEW, the fact world).
+
+    ``limit`` counts records, so with multi-rewrite records it can yield more requests.
+    """
+    _check_on_invalid(on_invalid)
+    records = load_records(path_or_id, split=split, limit=limit)
+    return _collect(records, lambda i, r: _counterfact_requests(i, r, source), on_invalid)
+
+
+def read_world(
+    path_or_id: str, split: str = "train", limit: int | None = None, *, on_invalid: str = "raise"
+) -> list[EditRequest]:
+    """Read the synthetic fact world's records: CounterFact schema, tagged ``source="world"``."""
+    return read_counterfact(path_or_id, split=split, limit=limit, on_invalid=on_invalid, source="world")
+
+
+def _zsre_target(record: dict, case_id: int, target_field: str) -> str:
+    """The new target of a ZsRE record: ``answers[0]`` (MEMIT/ROME) or ``alt`` (EasyEdit)."""
+    value = _get(record, target_field, case_id)
+    if target_field == "answers":
+        if not isinstance(value, list) or not value:
+            raise EditRequestError(case_id, "answers", "empty list of answers")
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise EditRequestError(case_id, target_field, f"empty target {value!r}")
+    return value
+
+
+def _zsre_request(index: int, record: dict, target_field: str) -> list[EditRequest]:
+    """One ZsRE (MEND eval format) record as a request; its case id is its index in the file.
+
+    The prompt is ``src`` with the first occurrence of the subject replaced by ``{}``. The
+    neighbourhood prompt is ``loc + "?"`` scored against ``loc_ans``, as in MEMIT's loader.
+    """
+    case_id = index
+    subject = _get(record, "subject", case_id)
+    src = _get(record, "src", case_id)
+    if not isinstance(subject, str) or not subject.strip():
+        raise EditRequestError(case_id, "subject", "missing or empty")
+    if subject not in src:
+        raise EditRequestError(case_id, "subject", f"subject {subject!r} does not occur in src {src!r}")
+    prompt = src.replace(subject, "{}", 1)
+    if prompt.count("{}") != 1 or prompt.replace("{}", subject, 1) != src:
+        raise EditRequestError(case_id, "src", f"contains braces, cannot template it: {src!r}")
+    return [
+        EditRequest(
+            case_id=case_id,
+            prompt=prompt,
+            subject=subject,
+            target_new=_zsre_target(record, case_id, target_field),
+            target_true=None,
+            paraphrase_prompts=[_get(record, "rephrase", case_id)],
+            neighborhood_prompts=[_get(record, "loc", case_id) + "?"],
+            neighborhood_targets=[_get(record, "loc_ans", case_id)],
+            source="zsre",
+        )
+    ]
+
+
+def read_zsre(
+    path_or_id: str,
+    split: str = "train",
+    limit: int | None = None,
+    *,
+    target_field: str = "answers",
+    on_invalid: str = "raise",
+) -> list[EditRequest]:
+    """Read ZsRE records in the MEND eval format (``zsre_mend_eval.json``).
+
+    ``target_field="answers"`` edits towards ``answers[0]`` (the MEMIT/AlphaEdit convention);
+    ``"alt"`` towards ``alt`` (EasyEdit). Some ``alt`` values are empty in the real file: use
+    ``on_invalid="skip"`` to drop (and log) those records.
+    """
+    if target_field not in ZSRE_TARGET_FIELDS:
+        raise ValueError(f"target_field must be one of {ZSRE_TARGET_FIELDS}, got {target_field!r}")
+    _check_on_invalid(on_invalid)
+    records = load_records(path_or_id, split=split, limit=limit)
+    return _collect(records, lambda i, r: _zsre_request(i, r, target_field), on_invalid)
+
+
+READERS: dict[str, Callable[..., list[EditRequest]]] = {
+    "counterfact": read_counterfact,
+    "zsre": read_zsre,
+    "world": read_world,
+}
+
+
+def is_world_spec(path: str) -> bool:
+    """``"world"`` or ``"world:<name>"`` names the built-in synthetic fact world, not a path."""
+    return path == "world" or path.startswith("world:")
+
+
+def resolve_records_path(path_or_id: str) -> str:
+    """Turn a world spec into the world's ``counterfact.json`` (generating it if needed).
+
+    The world module is imported here, not at the top: it is only needed for world runs.
+    """
+    if not is_world_spec(path_or_id):
+        return path_or_id
+    from lit_edit.world import ensure_world, resolve_world_name
+
+    return str(Path(ensure_world(resolve_world_name(path_or_id))) / "counterfact.json")
+
+
+def read_requests(
+    kind: str, path_or_id: str, split: str = "train", limit: int | None = None, **options: Any
+) -> list[EditRequest]:
+    """Read a stream of validated, uniquely identified requests with the reader for ``kind``.
+
+    ``options`` go to the reader (``on_invalid``; ``target_field`` for ZsRE). ``path_or_id`` may
+    also be a world spec (``"world"``, ``"world:tiny"``).
+    """
+    if kind not in READERS:
+        raise ValueError(f"unknown edit dataset {kind!r}; known: {sorted(READERS)}")
+    requests = READERS[kind](resolve_records_path(path_or_id), split=split, limit=limit, **options)
+    check_unique_case_ids(requests)  # readers check too; this guards readers added later
+    return requests
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable stream position
+# --------------------------------------------------------------------------------------------
+
+
+class StreamStateError(ValueError):
+    """A saved stream position does not fit the stream being read (the data or batching changed)."""
+
+
+def stream_fingerprint(requests: list[EditRequest]) -> str:
+    """A short hash of the stream's case ids, in order: changes if the data, order, split,
+    offset or limit changed, so a resumed run cannot silently continue on a different stream."""
+    digest = hashlib.sha256("\n".join(repr(r.case_id) for r in requests).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StreamCursor:
+    """How many batches of a stream have been applied.
+
+    Shared by the DataModule and every loader it builds, so both of Lightning's checkpoint paths
+    (the datamodule state and the train-dataloader state) save and restore the same number.
+    """
+
+    n_requests: int
+    batch_size: int
+    fingerprint: str
+    consumed: int = 0
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n_requests / self.batch_size)
+
+    def advance(self, n_batches: int = 1) -> None:
+        if n_batches < 0 or self.consumed + n_batches > self.n_batches:
+            raise ValueError(
+                f"cannot mark {n_batches} more batch(es) applied: {self.consumed} of {self.n_batches} already are"
+            )
+        self.consumed += n_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": self.consumed,
+            "n_requests": self.n_requests,
+            "batch_size": self.batch_size,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``consumed`` after checking the state was saved for this very stream.
+
+        It *sets* the position, so loading the same state twice (datamodule and loader paths)
+        is harmless.
+        """
+        if state.get("batch_size") != self.batch_size:
+            raise StreamStateError(
+                f"checkpoint was saved with batch_size={state.get('batch_size')}, this run has "
+                f"batch_size={self.batch_size}; resuming would regroup the edits"
+            )
+        if state.get("fingerprint") != self.fingerprint or state.get("n_requests") != self.n_requests:
+            raise StreamStateError(
+                f"checkpoint was saved for a different edit stream ({state.get('n_requests')} requests, "
+                f"fingerprint {state.get('fingerprint')}) than this one ({self.n_requests} requests, "
+                f"fingerprint {self.fingerprint}): dataset, path, split, offset or limit changed"
+            )
+        consumed = int(state["consumed"])
+        if not 0 <= consumed <= self.n_batches:
+            raise StreamStateError(f"saved position {consumed} is outside 0..{self.n_batches} batches")
+        self.consumed = consumed
+
+
+class _StreamBatchSampler(Sampler[list[int]]):
+    """Consecutive index batches, starting at the cursor's first unapplied batch.
+
+    ``len()`` is the full number of batches of the stream: on resume Lightning continues
+    ``batch_idx`` from its restored counter and ends the epoch on ``StopIteration``.
+    """
+
+    def __init__(self, cursor: StreamCursor):
+        self.cursor = cursor
+
+    def __len__(self) -> int:
+        return self.cursor.n_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Read the start now, not lazily: marking batches applied while iterating must not move
+        # an iteration that is already under way.
+        start, n, size = self.cursor.consumed, self.cursor.n_requests, self.cursor.batch_size
+        return (list(range(b * size, min((b + 1) * size, n))) for b in range(start, self.cursor.n_batches))
+
+
+def collate_requests(batch: list[EditRequest]) -> list[EditRequest]:
+    """A batch is just the list of requests: targets and tensors are built by the editing step."""
+    return list(batch)
+
+
+class EditLoader(DataLoader):
+    """In-order batches of requests that resume at the first unapplied batch.
+
+    Lightning saves ``state_dict()`` with the fit loop and calls ``load_state_dict()`` before it
+    creates the iterator, so the next ``iter()`` starts at the restored position. No shuffling,
+    no worker processes (the requests are tiny; the editing step is the work).
+    """
+
+    def __init__(self, requests: list[EditRequest], batch_size: int, cursor: StreamCursor | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if cursor is None:
+            cursor = StreamCursor(len(requests), batch_size, stream_fingerprint(requests))
+        if (cursor.n_requests, cursor.batch_size) != (len(requests), batch_size):
+            raise ValueError("cursor does not describe these requests and batch size")
+        super().__init__(
+            requests, batch_sampler=_StreamBatchSampler(cursor), collate_fn=collate_requests, num_workers=0
+        )
+        self.cursor = cursor
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
+# DataModule
+# --------------------------------------------------------------------------------------------
+
+
+class EditDataModule(L.LightningDataModule):
+    """The edit stream of a run: read once, batched in order, resumable mid-stream.
+
+    Args:
+        dataset: reader name, a key of :data:`READERS` (``"counterfact"``, ``"zsre"``, ``"world"``).
+        path: local JSON/JSONL file or directory, hub id, or a world spec (``"world"``,
+            ``"world:tiny"``: the built-in synthetic fact world, generated on first use).
+        split: dataset split.
+        limit: number of requests in the stream (after ``offset``); ``None`` = all.
+        batch_size: edits per training step.
+        offset: skip the first ``offset`` requests (e.g. to edit records 1000..1999).
+        target_field: ZsRE only, ``"answers"`` (MEMIT) or ``"alt"`` (EasyEdit).
+        on_invalid: ``"raise"`` on an invalid record, or ``"skip"`` it with a logged warning.
+
+    The editing callback must call :meth:`mark_applied` after each successfully applied batch;
+    that count is what checkpoints save and what a resumed run starts from.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "world",
+        path: str = "world",
+        split: str = "train",
+        limit: int | None = None,
+        batch_size: int = 20,
+        offset: int = 0,
+        target_field: str = "answers",
+        on_invalid: str = "raise",
+    ):
+        super().__init__()
+        if dataset not in READERS:
+            raise ValueError(f"unknown edit dataset {dataset!r}; known: {sorted(READERS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+        if target_field not in ZSRE_TARGET_FIELDS:
+            raise ValueError(f"target_field must be one of {ZSRE_TARGET_FIELDS}, got {target_field!r}")
+        _check_on_invalid(on_invalid)
+        self.save_hyperparameters()
+        self.dataset, self.path, self.split, self.limit = dataset, path, split, limit
+        self.batch_size, self.offset = batch_size, offset
+        self.target_field, self.on_invalid = target_field, on_invalid
+        self.requests: list[EditRequest] = []
+        self._cursor: StreamCursor | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the stream once; later calls (every ``fit``, every stage) keep it and its position."""
+        if self._cursor is not None:
+            return
+        self.requests = self._read_stream()
+        if not self.requests:
+            raise ValueError(
+                f"the edit stream is empty ({self.dataset} at {self.path!r}, split={self.split!r}, "
+                f"offset={self.offset}, limit={self.limit})"
+            )
+        self._cursor = StreamCursor(len(self.requests), self.batch_size, stream_fingerprint(self.requests))
+        if self._pending_state is not None:
+            self._cursor.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def _read_stream(self) -> list[EditRequest]:
+        """Requests ``offset .. offset+limit`` of the reader's output.
+
+        The reader is asked for ``offset + limit`` records: every record yields at least one
+        request, so that is enough, and it spares reading a hub split's tail for nothing.
+        """
+        options: dict[str, Any] = {"on_invalid": self.on_invalid}
+        if self.dataset == "zsre":
+            options["target_field"] = self.target_field
+        read_limit = None if self.limit is None else self.offset + self.limit
+        requests = read_requests(self.dataset, self.path, split=self.split, limit=read_limit, **options)
+        end = None if self.limit is None else self.offset + self.limit
+        return requests[self.offset : end]
+
+    # -- position ------------------------------------------------------------------------------
+
+    @property
+    def consumed(self) -> int:
+        """Number of batches whose edits have been applied (0 before :meth:`setup`)."""
+        if self._cursor is not None:
+            return self._cursor.consumed
+        return int(self._pending_state["consumed"]) if self._pending_state else 0
+
+    @property
+    def n_batches(self) -> int:
+        return self._require_cursor().n_batches
+
+    def mark_applied(self, n_batches: int = 1) -> None:
+        """Record that the next ``n_batches`` batches of the stream have been edited into the model."""
+        self._require_cursor().advance(n_batches)
+
+    def _require_cursor(self) -> StreamCursor:
+        if self._cursor is None:
+            raise RuntimeError("EditDataModule.setup() has not been called yet")
+        return self._cursor
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> EditLoader:
+        """Batches of ``batch_size`` consecutive requests, starting at the first unapplied one."""
+        self._check_no_distributed_sampler()
+        return EditLoader(self.requests, self.batch_size, cursor=self._require_cursor())
+
+    def _check_no_distributed_sampler(self) -> None:
+        """Fail early, with the fix, if Lightning is about to re-shard our loader across ranks."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+            raise RuntimeError(
+                "EditDataModule batches the edit stream itself and every rank must see the same batch: "
+                "use Trainer(use_distributed_sampler=False)"
+            )
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position, saved by Lightning under the datamodule's checkpoint key."""
+        if self._cursor is not None:
+            return self._cursor.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the position; before :meth:`setup` it is kept and checked when the stream is read."""
+        if not state_dict:
+            return
+        if self._cursor is not None:
+            self._cursor.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)

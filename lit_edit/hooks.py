@@ -1,0 +1,50 @@
+"""Forward hooks: read a module's input, or rewrite a block's output, for the duration of a ``with``."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lit_edit.layouts import block_hidden, replace_block_hidden
+
+
+@contextmanager
+def capture_inputs(modules: dict):
+    """Record the first positional input of each module on every forward: ``{key: [tensor, ...]}``."""
+    store: dict = {k: [] for k in modules}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, k=k: store[k].append(args[0]))
+        for k, m in modules.items()
+    ]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_outputs(modules: dict):
+    """Record the hidden-state output of each block (tuple or bare tensor, see layouts.block_hidden)."""
+    store: dict = {k: [] for k in modules}
+    handles = [
+        m.register_forward_hook(lambda _m, _a, out, k=k: store[k].append(block_hidden(out)))
+        for k, m in modules.items()
+    ]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def rewrite_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Replace the module's hidden output ``h`` by ``fn(h)`` (e.g. add δ at the fact token)."""
+    handle = module.register_forward_hook(lambda _m, _a, out: replace_block_hidden(out, fn(block_hidden(out))))
+    try:
+        yield
+    finally:
+        handle.remove()

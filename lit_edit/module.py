@@ -1,0 +1,277 @@
+"""The Lightning glue: ``EditModule`` (upstream: what to write) and ``ClosedFormEdit`` (downstream: write it).
+
+One training step = one batch of edit requests. ``training_step`` runs the inner optimisation of
+the targets v* (the LLM stays frozen; only per-request δ's are optimised) and returns an
+:class:`EditPlan`; the ``ClosedFormEdit`` callback writes it with the solver's closed-form
+multi-layer update, atomically, then the module logs edit quality.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lit_edit.editing import StepStats, apply_batch
+from lit_edit.layouts import get_layout, get_weight
+from lit_edit.metrics import KEYS, make_metrics, record_scores, update_metrics
+from lit_edit.requests import EditRequest, EditRequestError
+from lit_edit.solvers import AlphaEdit, Solver
+from lit_edit.stats import StatsConfig, layer_stats
+from lit_edit.targets import TargetConfig, TargetResult, compute_targets
+from lit_edit.tokens import encode_prompt, fill_context, target_ids
+
+
+@dataclass
+class EditPlan:
+    """What training_step hands to the callback: the requests and their targets at the last edited layer."""
+
+    requests: list[EditRequest]
+    Z: torch.Tensor  # [n, d]
+    targets: TargetResult
+    started: float = field(default_factory=time.perf_counter)
+
+
+def load_model(name_or_path: str, dtype: str = "float32"):
+    """``from_pretrained`` for a hub id or local path; ``world[:preset]`` is the built-in fact world."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = name_or_path
+    if name_or_path.startswith("world"):
+        from lit_edit.world import ensure_world, resolve_world_name
+
+        path = str(ensure_world(resolve_world_name(name_or_path)) / "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "right"  # all position arithmetic assumes right padding (§1.5)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model, tok, path
+
+
+@torch.no_grad()
+def generate_context_templates(model, tok, spec: list[list[int]], seed: int) -> list[str]:
+    """§1.4: "{}" plus, for each [length, count], ``count`` short samples from the unedited model
+    (seeds The/Therefore/Because/I/You, top-k 5), each followed by ". {}". Seeded here (unseeded upstream)."""
+    starts = ["The", "Therefore", "Because", "I", "You"]
+    out = ["{}"]
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for length, count in spec:
+        for i in range(count):
+            ids = tok(starts[i % len(starts)], add_special_tokens=True, return_tensors="pt")["input_ids"].to(dev)
+            while ids.shape[1] < length:
+                logits = model(input_ids=ids).logits[0, -1].float().cpu()
+                top = logits.topk(5)
+                nxt = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
+                ids = torch.cat([ids, nxt.to(dev)[None]], 1)
+            text = tok.decode(ids[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+            out.append(text + ". {}")
+    return out
+
+
+class EditModule(L.LightningModule):
+    """A frozen causal LM being edited one batch of requests per step.
+
+    Args:
+        model: hub id, local path, or ``world[:preset]`` (the built-in fact world).
+        layers: edited layers; targets are optimised at the last one (L = max(layers)).
+        solver: the downstream closed-form solver (MEMIT, AlphaEdit, ...); default AlphaEdit.
+        targets: §2 hyper-parameters of the v* optimisation.
+        stats: corpus for the key second moment C0 (§3).
+        layout: architecture layout override (see ``lit_edit.layouts``) for models not in the registry.
+        context_templates: [[length, count], ...] of generated context prefixes (§1.4); [] = bare prompts only.
+        eval_every_n_steps: evaluate all requests edited so far every N steps (retention curve); 0 = never.
+        eval_pre: evaluate the unedited model on the whole stream once (the ``pre.`` metrics).
+        export_dir: if set, ``save_pretrained`` the edited model (safetensors) at the end of fit.
+    """
+
+    def __init__(self, model: str = "world", layers: list[int] = [1, 2], solver: Solver | None = None,
+                 targets: TargetConfig = TargetConfig(), stats: StatsConfig = StatsConfig(),
+                 layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
+                 context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
+                 export_dir: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["solver"])
+        self.model_name = model
+        self.layers = sorted(layers)
+        self.solver = solver if solver is not None else AlphaEdit()
+        self.target_cfg = targets if isinstance(targets, TargetConfig) else TargetConfig(**targets)
+        self.stats_cfg = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
+        self.layout_override = layout
+        self.dtype_name = dtype
+        self.context_spec = context_templates
+        self.context_seed = context_seed
+        self.eval_every_n_steps = eval_every_n_steps
+        self.eval_pre = eval_pre
+        self.export_dir = export_dir
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the edited matrices
+        self.llm = None
+        self.edited_ids: list = []
+        self.context: list[str] = []
+        self.pre_records: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
+        self.final_scores: dict[str, float] = {}
+        self._restored: dict | None = None
+        self.batch_metrics = make_metrics("batch/")
+        self.all_metrics = make_metrics("edited/")
+
+    # -- set-up ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the LLM and everything measured on the *unedited* model (context templates, C0, pre metrics).
+        Lightning calls this before restoring a checkpoint, so a resumed run sees the same values."""
+        if self.llm is not None:
+            return
+        self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name)
+        self.llm.requires_grad_(False).eval()
+        self.layout = get_layout(self.llm, self.layout_override)
+        n_layers = self.layout.n_layers(self.llm)
+        if self.layers[-1] >= n_layers or self.layers[0] < 0:
+            raise ValueError(f"layers {self.layers} out of range for a model with {n_layers} blocks")
+        self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        self.requests = list(getattr(dm, "requests", []) or [])
+        self.validate_lengths(self.requests)
+        C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
+        self.solver.setup(C0)
+        if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
+            self.pre_records = dict(zip([r.case_id for r in self.requests], record_scores(self.llm, self.tok, self.requests)))
+
+    def validate_lengths(self, requests: list[EditRequest]) -> None:
+        """The longest sequence a request produces must fit the model's context (checked before any edit)."""
+        limit = getattr(self.llm.config, "max_position_embeddings", None) or getattr(self.llm.config, "n_positions", None)
+        if not limit:
+            return
+        longest_ctx = max(self.context, key=len)
+        for r in requests:
+            enc = encode_prompt(self.tok, fill_context(longest_ctx, r.prompt), r.subject, self.target_cfg.fact_token)
+            n = len(enc.ids) + len(target_ids(self.tok, r.target_new)) - 1
+            if n > limit:
+                raise EditRequestError(r.case_id, "prompt", f"prompt + target_new is {n} tokens with the longest context "
+                                       f"template; the model allows {limit}")
+
+    def configure_optimizers(self):
+        return None  # the LLM is frozen; the inner optimisations own their optimisers
+
+    # -- the step -------------------------------------------------------------------------
+    def training_step(self, batch: list[EditRequest], batch_idx: int):
+        started = time.perf_counter()
+        L_ = self.layers[-1]
+        with torch.enable_grad():
+            res = compute_targets(self.llm, self.tok, self.layout, L_, batch, self.context, self.target_cfg)
+        n = len(batch)
+        self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
+                       "targets/steps": res.steps.float().mean(), "targets/delta_norm": res.delta.norm(dim=-1).mean()},
+                      batch_size=n)
+        return {"plan": EditPlan(batch, res.v_star, res, started)}
+
+    def on_edit_applied(self, plan: EditPlan, stats: StepStats) -> None:
+        """Called by ClosedFormEdit after a successful write: ledger, logs, retention evaluation."""
+        n = len(plan.requests)
+        self.optimizers().step()  # the mock optimizer's step advances global_step (one step = one applied batch)
+        self.edited_ids.extend(r.case_id for r in plan.requests)
+        for l in self.layers:
+            self.log(f"update/residual_norm/layer_{l}", stats.residual_norm[l], batch_size=n)
+            self.log(f"update/delta_norm/layer_{l}", stats.update_norm[l], batch_size=n)
+        for k, v in self.solver.describe().items():
+            self.log(f"solver/{k}", float(v), batch_size=n)
+        self.batch_metrics.reset()
+        update_metrics(self.batch_metrics, record_scores(self.llm, self.tok, plan.requests))
+        self.log_dict(self.batch_metrics.compute(), batch_size=n, prog_bar=True)
+        self.log("n_edits", float(len(self.edited_ids)), batch_size=n)
+        step = self.global_step
+        if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
+            scores = self.evaluate(self.edited_requests())
+            self.log_dict({f"edited/{k}": v for k, v in scores.items()}, batch_size=n)
+        self.log("time/step_seconds", time.perf_counter() - plan.started, batch_size=n)
+        self._write_ledger(plan, stats)
+
+    def _write_ledger(self, plan: EditPlan, stats: StepStats) -> None:
+        if self._trainer is None or not self.trainer.is_global_zero or not self.trainer.log_dir:
+            return
+        with open(Path(self.trainer.log_dir) / "edits.jsonl", "a") as f:
+            for i, r in enumerate(plan.requests):
+                f.write(json.dumps({"case_id": r.case_id, "step": self.global_step, "operation": "insert",
+                                    "layers": self.layers, "target_loss": round(float(plan.targets.loss[i]), 6),
+                                    "residual_norm": stats.residual_norm, "update_norm": stats.update_norm}) + "\n")
+
+    # -- evaluation -----------------------------------------------------------------------
+    def edited_requests(self) -> list[EditRequest]:
+        by_id = {r.case_id: r for r in self.requests}
+        return [by_id[i] for i in self.edited_ids]
+
+    def evaluate(self, requests: list[EditRequest], scores: list[dict] | None = None) -> dict[str, float]:
+        metrics = make_metrics().to(self.device)
+        update_metrics(metrics, scores if scores is not None else record_scores(self.llm, self.tok, requests))
+        return {k: float(v) for k, v in metrics.compute().items() if k in KEYS}
+
+    def configure_callbacks(self):
+        return [ClosedFormEdit()]
+
+    def on_fit_end(self) -> None:
+        edited = self.edited_requests()
+        if not edited:
+            return
+        self.final_scores = self.evaluate(edited)
+        pre = [self.pre_records[r.case_id] for r in edited if r.case_id in self.pre_records]
+        pre_scores = self.evaluate([], pre) if pre else {}
+        result = {**self.final_scores, **{f"pre.{k}": v for k, v in pre_scores.items()}, "n_edits": len(edited)}
+        if self.trainer.is_global_zero:
+            print_table(result, len(edited))
+            if self.trainer.log_dir:
+                Path(self.trainer.log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(self.trainer.log_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
+            if self.logger is not None:
+                self.logger.log_metrics({f"final/{k}": v for k, v in result.items()}, step=self.global_step)
+            if self.export_dir:
+                self.llm.save_pretrained(self.export_dir)
+                self.tok.save_pretrained(self.export_dir)
+
+    # -- checkpoints: only what changed ------------------------------------------------------
+    def edited_param_names(self) -> list[str]:
+        names = {id(p): n for n, p in self.named_parameters()}
+        from lit_edit.layouts import edited_module
+
+        return [names[id(edited_module(self.llm, self.layout, l).weight)] for l in self.layers]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.edited_param_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lit_edit"] = {"solver": self.solver.state_dict(), "context": self.context,
+                                  "edited_ids": list(self.edited_ids), "pre_records": self.pre_records,
+                                  "model": self.model_name, "layers": self.layers}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["lit_edit"]
+        if state["layers"] != self.layers:
+            raise ValueError(f"checkpoint edits layers {state['layers']}, this run is configured for {self.layers}")
+        self.solver.load_state_dict(state["solver"])
+        self.context = state["context"]
+        self.edited_ids = list(state["edited_ids"])
+        self.pre_records = state["pre_records"]
+
+
+def print_table(result: dict, n: int) -> None:
+    rows = [(k, result.get(f"pre.{k}"), result.get(k)) for k in KEYS]
+    print(f"\nlit_edit: final evaluation over {n} edited requests")
+    print(f"{'metric':<16}{'pre':>10}{'post':>10}")
+    for k, pre, post in rows:
+        f = lambda x: f"{100 * x:10.2f}" if x is not None else f"{'-':>10}"  # noqa: E731
+        print(f"{k:<16}{f(pre)}{f(post)}")
+
+
+class ClosedFormEdit(L.Callback):
+    """Writes the plan of each training step with the module's solver (§4 layer loop), atomically."""
+
+    def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
+        plan: EditPlan = outputs["plan"]
+        m = pl_module
+        stats = apply_batch(m.llm, m.tok, m.layout, m.solver, m.layers, plan.requests, plan.Z, m.context,
+                            m.target_cfg.fact_token, m.target_cfg.legacy_bos_shift)
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "mark_applied"):
+            dm.mark_applied()
+        m.on_edit_applied(plan, stats)

@@ -1,0 +1,122 @@
+"""Second moment C0 = E[k kᵀ] of each edited layer's keys over a text corpus (ALGORITHMS.md §3).
+
+Texts are streamed (never loaded whole), truncated to ``max_length`` tokens, packed into forward
+passes of at most ``batch_tokens`` tokens; every non-padding token contributes one key; the sum is
+accumulated in float64 and divided by the token count (uncentred, as the reference). The result is
+cached on disk per (model, layer, corpus, sample count, length cap, dtype) and reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lit_edit.hooks import capture_inputs
+from lit_edit.layouts import edited_module
+from lit_edit.tokens import pad_batch, pad_id
+
+
+@dataclass
+class StatsConfig:
+    dataset: str = "world"  # "world[:preset]" (the fact world's own text), a local .txt/.json(l) file, or a hub id
+    config_name: str | None = None  # hub config, e.g. "20231101.en" for "wikimedia/wikipedia"
+    split: str = "train"
+    text_field: str = "text"
+    n_samples: int = 100000  # number of texts (articles), as mom2_n_samples in the reference
+    max_length: int = 1024  # per-text token cap (also capped by the model's context)
+    batch_tokens: int = 8192  # tokens per forward pass
+    dtype: str = "float32"  # dtype of the cached statistic (accumulation is always float64)
+    shuffle_seed: int | None = 1  # hub corpora: a fixed pseudo-random subset (reference: seed 1)
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("LIT_EDIT_CACHE") or Path.home() / ".cache" / "lit_edit")
+
+
+def iter_texts(cfg: StatsConfig) -> Iterator[str]:
+    """Stream the corpus through HF ``datasets``; yields at most ``n_samples`` non-empty texts."""
+    import datasets
+
+    src = cfg.dataset
+    if src.startswith("world"):
+        from lit_edit.world import ensure_world, resolve_world_name
+
+        src = str(ensure_world(resolve_world_name(src)) / "corpus.txt")
+    if Path(src).exists():
+        builder = "text" if src.endswith(".txt") else "json"
+        ds = datasets.load_dataset(builder, data_files=src, split=cfg.split, streaming=True)
+    else:  # pragma: no cover - needs the hub
+        ds = datasets.load_dataset(src, cfg.config_name, split=cfg.split, streaming=True)
+        if cfg.shuffle_seed is not None:
+            ds = ds.shuffle(seed=cfg.shuffle_seed, buffer_size=10_000)
+    n = 0
+    for row in ds:
+        text = row[cfg.text_field]
+        if text and text.strip():
+            yield text
+            n += 1
+            if n >= cfg.n_samples:
+                return
+
+
+def compute_second_moments(model, tok, layout, layers: list[int], texts, max_length: int, batch_tokens: int):
+    """Σ k kᵀ / N per layer in float64 over all real tokens of ``texts``. Returns ({layer: C0}, N)."""
+    dev = next(model.parameters()).device
+    mods = {l: edited_module(model, layout, l) for l in layers}
+    sums = {l: None for l in layers}
+    count = 0
+    cap = min(max_length, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", max_length))
+
+    def run(batch):
+        nonlocal count
+        ids, mask = pad_batch(batch, pad_id(tok))
+        with capture_inputs(mods) as store, torch.no_grad():
+            model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+        real = mask.bool().to(dev)
+        for l in layers:
+            k = store[l][0][real].double()
+            s = k.T @ k
+            sums[l] = s if sums[l] is None else sums[l] + s
+        count += int(real.sum())
+
+    batch, tokens = [], 0
+    for text in texts:
+        ids = tok(text, truncation=True, max_length=cap)["input_ids"]
+        if not ids:
+            continue
+        batch.append(ids)
+        tokens += len(ids)
+        if tokens >= batch_tokens:
+            run(batch)
+            batch, tokens = [], 0
+    if batch:
+        run(batch)
+    if count == 0:
+        raise ValueError("the statistics corpus yielded no tokens")
+    return {l: sums[l] / count for l in layers}, count
+
+
+def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_id: str,
+                cache_dir: str | None = None) -> dict[int, torch.Tensor]:
+    """C0 per layer (float64 on the model's device), from the disk cache when present."""
+    key = hashlib.sha1(json.dumps({"model": model_id, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:12]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)[-80:]
+    folder = cache_root(cache_dir) / "stats" / safe / f"{Path(cfg.dataset).name}_{cfg.n_samples}_{cfg.dtype}_{key}"
+    path = {l: folder / f"{edited_module(model, layout, l).__class__.__name__}_layer{l}_mom2.safetensors" for l in layers}
+    missing = [l for l in layers if not path[l].exists()]
+    if missing:
+        C, n = compute_second_moments(model, tok, layout, missing, iter_texts(cfg), cfg.max_length, cfg.batch_tokens)
+        folder.mkdir(parents=True, exist_ok=True)
+        for l in missing:
+            tmp = path[l].with_suffix(".tmp")
+            save_file({"mom2": C[l].to(getattr(torch, cfg.dtype)).contiguous().cpu(), "count": torch.tensor(n)}, tmp)
+            tmp.replace(path[l])
+        (folder / "config.json").write_text(json.dumps({"model": model_id, **asdict(cfg), "tokens": n}, indent=2))
+    dev = next(model.parameters()).device
+    return {l: load_file(path[l])["mom2"].to(dev, torch.float64) for l in layers}

@@ -1,0 +1,242 @@
+"""Target values v* at the last edited layer L (ALGORITHMS.md §2), batched over all requests.
+
+For every request a free vector δ is added to block L's output at the fact token of each of its
+prompts (context-prefixed rewriting prompts + one KL prompt). Per request the loss is
+
+    NLL(target | rewriting prompts) + kl_factor · KL + v_weight_decay · ‖δ‖ / ‖h_init‖²,
+
+minimised by Adam with a norm clamp and early stop. Requests never interact (each sequence
+only sees its own δ, right padding keeps real tokens from attending to pads), so one forward /
+backward over the whole batch, with *per-request* Adam state, early stop and clamp, gives the
+same v* as optimising each request alone (tested against :func:`compute_targets_reference`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lit_edit.hooks import rewrite_output
+from lit_edit.layouts import block_module
+from lit_edit.requests import EditRequest
+from lit_edit.tokens import encode_prompt, fill_context, pad_batch, pad_id, target_ids
+
+
+def hidden_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[1]
+
+
+def opt_dtype(model) -> torch.dtype:
+    """δ and the losses are float32 (as the reference), or float64 for a float64 model (exactness tests)."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class TargetConfig:
+    """§2 hyper-parameters (names as in the MEMIT/AlphaEdit JSONs)."""
+
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    kl_direction: str = "current_ref"  # MEMIT code: KL(p_current ‖ p_ref); "ref_current" = the papers' direction
+    early_stop_loss: float = 0.05
+    fact_token: str = "subject_last"
+    kl_prompt: str = "{} is a"
+    legacy_bos_shift: bool = False
+    chunk_size: int = 0  # requests per forward pass (0 = all); results do not depend on it
+
+
+@dataclass
+class TargetBatch:
+    """All prompts of all requests, tokenised once. Row kinds: 0 bare rewrite, 1 context rewrite, 2 KL."""
+
+    ids: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T]
+    req: torch.Tensor  # [B] request index of each row
+    kind: torch.Tensor  # [B]
+    lookup: torch.Tensor  # [B] fact-token position
+    labels: torch.Tensor  # [B, T] target id at scored positions, -100 elsewhere
+    n: int
+
+
+def build_target_batch(tok, requests: list[EditRequest], context_templates: list[str], cfg: TargetConfig) -> TargetBatch:
+    seqs, req, kind, lookup, labels = [], [], [], [], []
+    for i, r in enumerate(requests):
+        tgt = target_ids(tok, r.target_new)
+        for c, ctx in enumerate(context_templates):
+            enc = encode_prompt(tok, fill_context(ctx, r.prompt), r.subject, cfg.fact_token, cfg.legacy_bos_shift)
+            ids = enc.ids + tgt[:-1]
+            lab = [-100] * len(ids)
+            start = len(enc.ids) - 1  # logits at the last prompt token predict the first target token
+            lab[start : start + len(tgt)] = tgt
+            seqs.append(ids), req.append(i), kind.append(0 if c == 0 else 1), lookup.append(enc.index), labels.append(lab)
+        enc = encode_prompt(tok, cfg.kl_prompt, r.subject, cfg.fact_token, cfg.legacy_bos_shift)
+        seqs.append(enc.ids), req.append(i), kind.append(2), lookup.append(enc.index), labels.append([-100] * len(enc.ids))
+    ids, mask = pad_batch(seqs, pad_id(tok))
+    lab = torch.full_like(ids, -100)
+    for b, l in enumerate(labels):
+        lab[b, : len(l)] = torch.tensor(l)
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return TargetBatch(ids, mask, t(req), t(kind), t(lookup), lab, len(requests))
+
+
+@dataclass
+class TargetResult:
+    v_star: torch.Tensor  # [n, d] = h_init + δ
+    h_init: torch.Tensor  # [n, d]
+    delta: torch.Tensor  # [n, d]
+    loss: torch.Tensor  # [n] loss at the last evaluated iteration
+    nll: torch.Tensor  # [n]
+    steps: torch.Tensor  # [n] Adam updates taken
+    history: list[float]  # mean loss of the active requests per iteration
+
+
+def _request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, delta: torch.Tensor,
+                    kl_ref: torch.Tensor, h_init: torch.Tensor, cfg: TargetConfig, record: dict | None):
+    """Per-request NLL and KL for the given rows (one forward). ``record`` collects h_init / the KL reference."""
+    width = int(batch.mask[rows].sum(1).max())
+    ids, mask = batch.ids[rows, :width], batch.mask[rows, :width]
+    req, lookup, kind = batch.req[rows], batch.lookup[rows], batch.kind[rows]
+    dev, dt = delta.device, delta.dtype
+    ar = torch.arange(len(rows), device=dev)
+
+    def add_delta(h):
+        if record is not None:  # §2.4: h_init = block-L output of the bare prompt at its fact token, before δ
+            bare = kind == 0
+            record["h_init"] = (req[bare], h[ar[bare], lookup[bare]].detach().to(delta.dtype))
+        return h.index_put((ar, lookup), delta[req].to(h.dtype), accumulate=True)
+
+    with rewrite_output(layer_module, add_delta):
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+
+    n = delta.shape[0]
+    labels = batch.labels[rows, :width].to(dev)
+    scored = labels >= 0
+    logp = torch.log_softmax(logits[scored].to(delta.dtype), dim=-1).gather(1, labels[scored][:, None])[:, 0]
+    row_of = ar[:, None].expand_as(labels)[scored]
+    row_nll = torch.zeros(len(rows), device=dev, dtype=dt).index_add(0, row_of, -logp)
+    row_nll = row_nll / scored.sum(1).clamp(min=1)
+    rew = kind != 2
+    nll = torch.zeros(n, device=dev, dtype=dt).index_add(0, req[rew], row_nll[rew])
+    nll = nll / torch.zeros(n, device=dev, dtype=dt).index_add(0, req[rew], torch.ones_like(row_nll[rew])).clamp(min=1)
+
+    kl_rows = ~rew
+    kl_logp = torch.log_softmax(logits[ar[kl_rows], lookup[kl_rows]].to(delta.dtype), dim=-1)
+    if record is not None:  # first pass (δ = 0): this distribution is the KL reference
+        record["kl_ref"] = (req[kl_rows], kl_logp.detach())
+        ref = kl_logp.detach()
+    else:
+        ref = kl_ref[req[kl_rows]]
+    if cfg.kl_direction == "current_ref":
+        kl_row = (kl_logp.exp() * (kl_logp - ref)).sum(-1)
+    else:
+        kl_row = (ref.exp() * (ref - kl_logp)).sum(-1)
+    kl = torch.zeros(n, device=dev, dtype=dt).index_add(0, req[kl_rows], kl_row)
+    return nll, kl
+
+
+def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetConfig) -> TargetResult:
+    """Batched §2 loop: per-request Adam (betas 0.9/0.999, eps 1e-8, as torch.optim.Adam), clamp, early stop."""
+    block = block_module(model, layout, layer)
+    dev = next(model.parameters()).device
+    n, d = batch.n, hidden_size(model)
+    dt = opt_dtype(model)
+    delta = torch.zeros(n, d, device=dev, dtype=dt, requires_grad=True)
+    m, v = torch.zeros(n, d, device=dev, dtype=dt), torch.zeros(n, d, device=dev, dtype=dt)
+    steps = torch.zeros(n, dtype=torch.long, device=dev)
+    h_init = torch.zeros(n, d, device=dev, dtype=dt)
+    kl_ref = torch.zeros(n, 1, device=dev, dtype=dt)
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    loss = torch.zeros(n, device=dev, dtype=dt)
+    nll_out = torch.zeros(n, device=dev, dtype=dt)
+    history: list[float] = []
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    chunk = cfg.chunk_size or n
+
+    for it in range(cfg.v_num_grad_steps):
+        act_idx = active.nonzero()[:, 0].cpu()
+        delta.grad = None
+        for c0 in range(0, len(act_idx), chunk):
+            reqs = act_idx[c0 : c0 + chunk]
+            rows = torch.isin(batch.req, reqs).nonzero()[:, 0]
+            record = {} if it == 0 else None
+            nll, kl = _request_losses(model, block, batch, rows, delta, kl_ref, h_init, cfg, record)
+            if record is not None:
+                r_idx, h = record["h_init"]
+                h_init[r_idx.to(dev)] = h
+                k_idx, k = record["kl_ref"]
+                if kl_ref.shape[1] != k.shape[1]:
+                    kl_ref = torch.zeros(n, k.shape[1], device=dev, dtype=dt)
+                kl_ref[k_idx.to(dev)] = k
+                kl = torch.zeros_like(kl)  # δ = 0 on the first pass, so KL is exactly zero
+            wd = cfg.v_weight_decay * delta.norm(dim=-1) / h_init.norm(dim=-1).pow(2).clamp(min=1e-12)
+            total = nll + cfg.kl_factor * kl + wd
+            sel = reqs.to(dev)
+            loss[sel] = total[sel].detach()
+            nll_out[sel] = nll[sel].detach()
+            if it < cfg.v_num_grad_steps - 1:
+                total[sel].sum().backward()
+        history.append(loss[act_idx.to(dev)].mean().item())
+        active &= ~(loss < cfg.early_stop_loss)  # §2.8: stop a request once its loss is below the threshold
+        if it == cfg.v_num_grad_steps - 1 or not active.any():
+            break
+        with torch.no_grad():
+            a = active
+            g = delta.grad
+            steps[a] += 1
+            m[a] = b1 * m[a] + (1 - b1) * g[a]
+            v[a] = b2 * v[a] + (1 - b2) * g[a] * g[a]
+            t = steps[a].double()[:, None]
+            bc1, bc2 = (1 - b1**t).to(dt), (1 - b2**t).to(dt)
+            denom = (v[a].sqrt() / bc2.sqrt()) + eps
+            delta[a] -= (cfg.v_lr / bc1) * m[a] / denom
+            # clamp: ‖δ‖ ≤ clamp_norm_factor · ‖h_init‖ (rescale onto the sphere)
+            max_norm = cfg.clamp_norm_factor * h_init[a].norm(dim=-1, keepdim=True)
+            norm = delta[a].norm(dim=-1, keepdim=True)
+            delta[a] = torch.where(norm > max_norm, delta[a] * max_norm / norm, delta[a])
+
+    delta = delta.detach()
+    return TargetResult(h_init + delta, h_init, delta, loss, nll_out, steps.cpu(), history)
+
+
+def compute_targets(model, tok, layout, layer: int, requests: list[EditRequest], context_templates: list[str],
+                    cfg: TargetConfig) -> TargetResult:
+    return optimise_targets(model, layout, layer, build_target_batch(tok, requests, context_templates, cfg), cfg)
+
+
+def compute_targets_reference(model, tok, layout, layer, requests, context_templates, cfg: TargetConfig) -> torch.Tensor:
+    """The reference repos' way: one request at a time, ``torch.optim.Adam`` on δ (MEMIT ``compute_z``).
+    Kept as the baseline of ``benchmarks/edit_throughput.py`` and the equality test."""
+    block = block_module(model, layout, layer)
+    dev = next(model.parameters()).device
+    out = []
+    for r in requests:
+        b = build_target_batch(tok, [r], context_templates, cfg)
+        rows = torch.arange(len(b.req))
+        delta = torch.zeros(1, hidden_size(model), device=dev, dtype=opt_dtype(model), requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        rec: dict = {}
+        nll, _ = _request_losses(model, block, b, rows, delta, None, None, cfg, rec)
+        h_init = torch.zeros_like(delta).detach()
+        h_init[rec["h_init"][0]] = rec["h_init"][1]
+        kl_ref = rec["kl_ref"][1]
+        for it in range(cfg.v_num_grad_steps):
+            if it > 0:
+                nll, kl = _request_losses(model, block, b, rows, delta, kl_ref, h_init, cfg, None)
+            else:
+                kl = torch.zeros_like(nll)
+            loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h_init.norm() ** 2
+            if loss.item() < cfg.early_stop_loss or it == cfg.v_num_grad_steps - 1:
+                break
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                max_norm = cfg.clamp_norm_factor * h_init.norm()
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+        out.append((h_init + delta).detach()[0])
+    return torch.stack(out)

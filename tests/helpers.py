@@ -1,0 +1,27 @@
+"""Small shared builders for tests: a tiny random GPT-2 and a BPE tokenizer trained on a few sentences."""
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lit_edit.requests import EditRequest
+from lit_edit.world import train_tokenizer
+
+SENTENCES = ["Anna Berk lives in the city of Paris.", "Tom Lund works as a baker.", "Mira Voss speaks French.",
+             "Ola Dunn plays the violin.", "Because the weather was good. The city is calm."]
+
+
+def tiny_tokenizer():
+    return train_tokenizer(SENTENCES * 40, 300)
+
+
+def tiny_gpt2(tok, n_layer=4, n_embd=64, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_layer=n_layer, n_embd=n_embd, n_head=4, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval().requires_grad_(False).to(dtype)
+
+
+def tiny_requests():
+    return [EditRequest(1, "{} lives in the city of", "Anna Berk", "London", "Paris"),
+            EditRequest(2, "{} works as a", "Tom Lund", "pilot of ships", "baker"),
+            EditRequest(3, "{} speaks", "Mira Voss", "German", "French"),
+            EditRequest(4, "The instrument of {} is the", "Ola Dunn", "drum", "violin")]

@@ -1,0 +1,220 @@
+"""The layout registry points at the right modules, in the right orientation, for every family.
+
+Each model is a tiny random one built from a config (no downloads); behaviour, not names, is checked:
+the weight delta must show up in the module output as ``k @ delta.T``, and the final norm + LM head
+applied to the last block's output must reproduce the model's logits.
+"""
+
+import pytest
+import torch
+import transformers as T
+
+from lit_edit.layouts import (
+    LAYOUTS,
+    ModelLayout,
+    add_to_weight,
+    block_hidden,
+    block_module,
+    edited_module,
+    get_layout,
+    get_weight,
+    replace_block_hidden,
+    set_weight,
+    weight_shape,
+)
+
+D, FFN, V = 32, 64, 100
+LLAMA_LIKE = dict(num_hidden_layers=3, hidden_size=D, num_attention_heads=4, num_key_value_heads=2, intermediate_size=FFN, vocab_size=V)
+CONFIGS = {
+    "gpt2": lambda: T.GPT2Config(n_layer=3, n_embd=D, n_inner=FFN, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "gptj": lambda: T.GPTJConfig(n_layer=3, n_embd=D, n_inner=FFN, n_head=4, rotary_dim=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "gpt_neox": lambda: T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=D, num_attention_heads=4, intermediate_size=FFN, vocab_size=V, max_position_embeddings=64),
+    "llama": lambda: T.LlamaConfig(**LLAMA_LIKE),
+    "mistral": lambda: T.MistralConfig(**LLAMA_LIKE),
+    "qwen2": lambda: T.Qwen2Config(**LLAMA_LIKE),
+}
+OPT_LAYOUT = dict(
+    rewrite_module="model.decoder.layers.{}.fc2",
+    layer_module="model.decoder.layers.{}",
+    final_norm="model.decoder.final_layer_norm",
+    lm_head="lm_head",
+)
+
+
+def make_model(config):
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def make_opt():
+    return make_model(T.OPTConfig(num_hidden_layers=3, hidden_size=D, num_attention_heads=4, ffn_dim=FFN, vocab_size=V, word_embed_proj_dim=D, max_position_embeddings=64))
+
+
+def tokens():
+    return torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def capture(model, module, ids):
+    """Run the model; return the (input, output) that ``module`` saw."""
+    seen = {}
+    pre = module.register_forward_pre_hook(lambda m, args: seen.__setitem__("k", args[0].detach().clone()))
+    post = module.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out.detach().clone()))
+    with torch.no_grad():
+        model(ids)
+    pre.remove()
+    post.remove()
+    return seen["k"], seen["out"]
+
+
+def check_orientation(model, layout, layer):
+    """After ``W += delta`` the edited module's output moves by exactly ``k @ delta.T``."""
+    module, ids = edited_module(model, layout, layer), tokens()
+    k, before = capture(model, module, ids)
+    delta = 0.01 * torch.randn(weight_shape(model, layout, layer), dtype=torch.float64)  # cast is the callee's job
+    add_to_weight(model, layout, layer, delta)
+    k_after, after = capture(model, module, ids)
+    torch.testing.assert_close(k_after, k)  # the edit happens after its own input
+    torch.testing.assert_close(after - before, k @ delta.T.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def model(request):
+    return make_model(CONFIGS[request.param]())
+
+
+def test_registry_covers_the_families():
+    assert set(CONFIGS) <= set(LAYOUTS)
+
+
+def test_layout_and_shape(model):
+    layout = get_layout(model)
+    assert layout is LAYOUTS[model.config.model_type]
+    assert layout.n_layers(model) == 3
+    for layer in (0, 2):
+        assert weight_shape(model, layout, layer) == (D, FFN)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_orientation(model, layer):
+    check_orientation(model, get_layout(model), layer)
+
+
+def test_get_weight_is_a_view(model):
+    layout = get_layout(model)
+    W, param = get_weight(model, layout, 1), edited_module(model, layout, 1).weight
+    assert W.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+    new = torch.randn(D, FFN)
+    set_weight(model, layout, 1, new)
+    torch.testing.assert_close(W, new)  # the earlier view sees the write
+    stored = param.T if layout.weight_layout == "in_out" else param
+    torch.testing.assert_close(stored.detach(), new)
+    with pytest.raises(ValueError, match="d_out, d_in"):
+        add_to_weight(model, layout, 1, torch.zeros(FFN, D))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_square_matrix_orientation(name):
+    """d_model == d_ffn: shapes cannot tell the orientation, the layout must."""
+    config = CONFIGS[name]()
+    config.n_inner = D if name == "gpt2" else None
+    if name == "llama":
+        config.intermediate_size = D
+    model = make_model(config)
+    layout = get_layout(model)
+    assert weight_shape(model, layout, 0) == (D, D)
+    check_orientation(model, layout, 0)
+
+
+def test_block_hidden_and_hook_edits_are_honoured(model):
+    layout, ids, pos = get_layout(model), tokens(), 3
+    block = block_module(model, layout, 1)
+    shapes = []
+    h = block.register_forward_hook(lambda m, a, out: shapes.append(block_hidden(out).shape))
+    with torch.no_grad():
+        clean = model(ids).logits
+    h.remove()
+    assert shapes == [torch.Size([2, 6, D])]
+
+    def steer(module, args, out):
+        hidden = block_hidden(out).clone()
+        hidden[:, pos] += 5.0
+        return replace_block_hidden(out, hidden)
+
+    h = block.register_forward_hook(steer)
+    with torch.no_grad():
+        steered = model(ids).logits
+    h.remove()
+    torch.testing.assert_close(steered[:, :pos], clean[:, :pos])  # causal: earlier positions untouched
+    assert not torch.allclose(steered[:, pos], clean[:, pos])
+
+
+def test_replace_block_hidden_keeps_structure():
+    h, new, extra = torch.zeros(1, 2, 3), torch.ones(1, 2, 3), object()
+    assert replace_block_hidden(h, new) is new
+    out = replace_block_hidden((h, extra), new)
+    assert isinstance(out, tuple) and out[0] is new and out[1] is extra
+    assert block_hidden((h, extra)) is h and block_hidden(h) is h
+    with pytest.raises(TypeError):
+        block_hidden({"hidden": h})
+
+
+def test_final_norm_and_lm_head_reproduce_logits(model):
+    layout, ids = get_layout(model), tokens()
+    last = block_module(model, layout, layout.n_layers(model) - 1)
+    seen = []
+    h = last.register_forward_hook(lambda m, a, out: seen.append(block_hidden(out)))
+    with torch.no_grad():
+        logits = model(ids).logits
+        h.remove()
+        norm, head = model.get_submodule(layout.final_norm), model.get_submodule(layout.lm_head)
+        ours = head(norm(seen[0][:, -1]))
+    torch.testing.assert_close(ours.float(), logits[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_model_type_has_a_clear_error():
+    with pytest.raises(ValueError) as err:
+        get_layout(make_opt())
+    msg = str(err.value)
+    assert "'opt'" in msg and "model.layout" in msg and "rewrite_module" in msg
+    assert all(t in msg for t in CONFIGS)
+
+
+@pytest.mark.parametrize("as_dataclass", [False, True])
+def test_override_path_for_unregistered_model(as_dataclass):
+    model = make_opt()
+    layout = get_layout(model, ModelLayout(**OPT_LAYOUT) if as_dataclass else OPT_LAYOUT)
+    assert weight_shape(model, layout, 2) == (D, FFN)
+    check_orientation(model, layout, 2)
+    with pytest.raises(ValueError, match="missing"):
+        get_layout(model, {"rewrite_module": OPT_LAYOUT["rewrite_module"]})
+
+
+def test_partial_override_of_registered_layout():
+    model = make_model(CONFIGS["llama"]())
+    layout = get_layout(model, {"rewrite_module": "model.layers.{}.mlp.up_proj"})
+    assert layout.layer_module == "model.layers.{}" and weight_shape(model, layout, 0) == (FFN, D)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"rewrite_module": "model.layers.{}.mlp.down_projection"}, "rewrite_module"),
+        ({"layer_module": "model.blocks.{}"}, "layer_module"),
+        ({"final_norm": "model.final_norm"}, "final_norm"),
+        ({"lm_head": "head"}, "lm_head"),
+        ({"weight_layout": "in_out"}, "weight_layout"),  # nn.Linear stores out_in
+        ({"weight_layout": "rows"}, "weight_layout"),
+        ({"rewrite_module": "model.layers.0.mlp.down_proj"}, "rewrite_module"),  # no {} placeholder
+        ({"lm_heads": "lm_head"}, "lm_heads"),
+    ],
+)
+def test_bad_override_names_the_key(override, key):
+    model = make_model(CONFIGS["llama"]())
+    with pytest.raises(ValueError, match=key):
+        get_layout(model, override)
+
+
+def test_layer_out_of_range():
+    model = make_model(CONFIGS["llama"]())
+    with pytest.raises(IndexError):
+        edited_module(model, get_layout(model), 3)

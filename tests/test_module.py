@@ -1,0 +1,139 @@
+"""The fit loop on the tiny fact world: edits land, steps are atomic, resume equals an uninterrupted run,
+the solver's gate equals the update actually written into the model, bad input stops before any edit."""
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lit_edit.data import EditDataModule
+from lit_edit.editing import EditStepError, apply_batch, compute_block_states, compute_keys
+from lit_edit.layouts import get_weight
+from lit_edit.module import EditModule
+from lit_edit.requests import EditRequestError
+from lit_edit.solvers import MEMIT, AlphaEdit
+from lit_edit.stats import StatsConfig
+from lit_edit.targets import TargetConfig
+
+LAYERS = [1, 2]
+
+
+def make_module(solver=None, **kw):
+    return EditModule(model="world:tiny", layers=LAYERS, solver=solver or AlphaEdit(L2=10.0, nullspace_threshold=2e-2),
+                      targets=TargetConfig(v_num_grad_steps=20), stats=StatsConfig(dataset="world:tiny", max_length=64),
+                      context_templates=[[10, 2]], **kw)
+
+
+def make_trainer(tmp_path, max_steps=-1, ckpt=True):
+    cbs = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                                               filename="{step}")] if ckpt else []
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, default_root_dir=tmp_path,
+                     logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb"), callbacks=cbs,
+                     enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                     enable_checkpointing=ckpt)
+
+
+def edited_weights(module):
+    return {l: get_weight(module.llm, module.layout, l).clone() for l in LAYERS}
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fit")
+    module, dm = make_module(eval_every_n_steps=2), EditDataModule(path="world:tiny", limit=24, batch_size=6)
+    trainer = make_trainer(tmp)
+    trainer.fit(module, dm)
+    return module, dm, trainer, tmp
+
+
+def test_edits_land_and_metrics_json_is_written(fitted):
+    module, dm, trainer, _ = fitted
+    metrics = json.loads((trainer.log_dir and __import__("pathlib").Path(trainer.log_dir) / "metrics.json").read_text())
+    assert set(metrics) >= {"efficacy", "generalization", "specificity", "pre.efficacy", "pre.generalization",
+                            "pre.specificity", "n_edits"}
+    assert metrics["n_edits"] == 24
+    assert metrics["pre.efficacy"] < 0.2  # the world model knows the true facts
+    assert metrics["efficacy"] >= 0.9
+    assert metrics["specificity"] >= metrics["pre.specificity"] - 0.2
+    ledger = (__import__("pathlib").Path(trainer.log_dir) / "edits.jsonl").read_text().splitlines()
+    assert len(ledger) == 24 and json.loads(ledger[0])["case_id"] == dm.requests[0].case_id
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(fitted, tmp_path):
+    module_a, _, _, _ = fitted
+    # run B stops after 2 of 4 steps; run C resumes from B's step-2 checkpoint
+    b, dm_b = make_module(), EditDataModule(path="world:tiny", limit=24, batch_size=6)
+    make_trainer(tmp_path / "b", max_steps=2).fit(b, dm_b)
+    ckpt = tmp_path / "b" / "ckpt" / "step=2.ckpt"
+    assert ckpt.exists()
+    state = torch.load(ckpt, weights_only=False)
+    assert len(state["state_dict"]) == len(LAYERS)  # only the edited matrices, not the base model
+    c, dm_c = make_module(), EditDataModule(path="world:tiny", limit=24, batch_size=6)
+    make_trainer(tmp_path / "c").fit(c, dm_c, ckpt_path=str(ckpt))
+    assert c.edited_ids == module_a.edited_ids
+    for l, w in edited_weights(module_a).items():
+        torch.testing.assert_close(get_weight(c.llm, c.layout, l), w, rtol=0, atol=1e-6)
+
+
+class ExplodingSolver(MEMIT):
+    """Fails on the last layer of its second batch, after the first layer was already written."""
+
+    def solve(self, layer, K, R):
+        out = super().solve(layer, K, R)
+        if self.n_edits > 0 and layer == LAYERS[-1]:
+            out[0, 0] = float("nan")
+        return out
+
+
+def test_failed_step_is_rolled_back_and_names_the_requests(tiny_world, tmp_path):
+    module = make_module(solver=ExplodingSolver(mom2_update_weight=100.0), eval_pre=False)
+    dm = EditDataModule(path="world:tiny", limit=12, batch_size=6)
+    trainer = make_trainer(tmp_path, ckpt=False)
+    snapshot = {}
+
+    class Snap(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshot["w"] = edited_weights(pl_module)
+            snapshot["cp"] = {k: v.clone() for k, v in pl_module.solver.state_dict()["Cp"].items()}
+
+    trainer.callbacks.append(Snap())
+    with pytest.raises(EditStepError) as err:
+        trainer.fit(module, dm)
+    for r in dm.requests[6:12]:
+        assert repr(r.case_id) in str(err.value)
+    for l, w in snapshot["w"].items():
+        assert torch.equal(get_weight(module.llm, module.layout, l), w)
+    for k, v in module.solver.state_dict()["Cp"].items():
+        assert torch.equal(v, snapshot["cp"][k])
+    assert dm.consumed == 1
+
+
+@pytest.mark.parametrize("solver", [MEMIT(mom2_update_weight=50.0), AlphaEdit(L2=10.0, nullspace_threshold=2e-2)])
+def test_gate_equals_the_update_written_into_the_model(tiny_world, solver):
+    """Single edited layer: for a random residual R, the weight change of the model is exactly R·gate(K)."""
+    module = make_module(solver=solver, eval_pre=False)
+    module.layers = [2]
+    module.configure_model()
+    dm = EditDataModule(path="world:tiny", limit=5, batch_size=5)
+    dm.setup()
+    reqs = dm.requests
+    m, tok, lay = module.llm, module.tok, module.layout
+    K = compute_keys(m, tok, lay, [2], reqs, module.context)[2]
+    H = compute_block_states(m, tok, lay, 2, reqs)
+    R = torch.randn(H.shape[1], len(reqs), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    M = module.solver.gate(2, K)
+    before = get_weight(m, lay, 2).double().clone()
+    apply_batch(m, tok, lay, module.solver, [2], reqs, H.double() + R.T, module.context)
+    torch.testing.assert_close(get_weight(m, lay, 2).double() - before, R @ M, rtol=1e-4, atol=1e-6)
+
+
+def test_prompt_too_long_is_refused_before_any_edit(tiny_world, tmp_path):
+    module = make_module(eval_pre=False)
+    dm = EditDataModule(path="world:tiny", limit=6, batch_size=6)
+    dm.setup()
+    bad = dm.requests[3]
+    bad.prompt = "word " * 200 + bad.prompt
+    with pytest.raises(EditRequestError) as err:
+        make_trainer(tmp_path, ckpt=False).fit(module, dm)
+    assert repr(bad.case_id) in str(err.value) and "prompt" in str(err.value)
+    assert module.solver.n_edits == 0
