@@ -95,12 +95,14 @@ class EditModule(L.LightningModule):
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
                  export_dir: str | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["solver"])
+        self.save_hyperparameters(ignore=["solver", "targets", "stats"])
         self.model_name = model
         self.layers = sorted(layers)
         self.solver = solver if solver is not None else AlphaEdit()
         self.target_cfg = targets if isinstance(targets, TargetConfig) else TargetConfig(**targets)
         self.stats_cfg = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
+        # plain dicts only, so checkpoints load with torch.load(weights_only=True)
+        self.hparams.update(targets=asdict(self.target_cfg), stats=asdict(self.stats_cfg), solver=type(self.solver).__name__)
         self.layout_override = layout
         self.dtype_name = dtype
         self.context_spec = context_templates
@@ -166,12 +168,14 @@ class EditModule(L.LightningModule):
         self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
                        "targets/steps": res.steps.float().mean(), "targets/delta_norm": res.delta.norm(dim=-1).mean()},
                       batch_size=n)
+        # Lightning counts global_step through optimizer steps; with no optimizer it hands us a mock one whose
+        # step() must be called inside training_step (ModelCheckpoint/max_steps read global_step).
+        self.optimizers().step()
         return {"plan": EditPlan(batch, res.v_star, res, started)}
 
     def on_edit_applied(self, plan: EditPlan, stats: StepStats) -> None:
         """Called by ClosedFormEdit after a successful write: ledger, logs, retention evaluation."""
         n = len(plan.requests)
-        self.optimizers().step()  # the mock optimizer's step advances global_step (one step = one applied batch)
         self.edited_ids.extend(r.case_id for r in plan.requests)
         for l in self.layers:
             self.log(f"update/residual_norm/layer_{l}", stats.residual_norm[l], batch_size=n)
