@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--world", default="default")
     ap.add_argument("--n", type=int, default=40, help="requests")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--layer", type=int, default=2)
+    ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()

@@ -102,10 +102,27 @@ def compute_second_moments(model, tok, layout, layers: list[int], texts, max_len
     return {l: sums[l] / count for l in layers}, count
 
 
+@torch.no_grad()
+def weights_fingerprint(model, stride: int = 4099) -> str:
+    """sha1 over a strided sample (every ``stride``-th element) of every parameter's bytes.
+
+    Cheap (≈1/4099 of the weights leave the device) and exact: any edit of a matrix changes the
+    sampled entries, so statistics of an *edited* model never reuse the unedited model's cache.
+    """
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        sample = p.detach().reshape(-1)[::stride].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_id: str,
                 cache_dir: str | None = None) -> dict[int, torch.Tensor]:
-    """C0 per layer (float64 on the model's device), from the disk cache when present."""
-    key = hashlib.sha1(json.dumps({"model": model_id, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:12]
+    """C0 per layer (float64 on the model's device), from the disk cache when present. The cache key
+    covers the model id, the corpus config and a fingerprint of the weights (:func:`weights_fingerprint`)."""
+    ident = {"model": model_id, "weights": weights_fingerprint(model), **asdict(cfg)}
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)[-80:]
     folder = cache_root(cache_dir) / "stats" / safe / f"{Path(cfg.dataset).name}_{cfg.n_samples}_{cfg.dtype}_{key}"
     path = {l: folder / f"{edited_module(model, layout, l).__class__.__name__}_layer{l}_mom2.safetensors" for l in layers}
@@ -117,6 +134,6 @@ def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_i
             tmp = path[l].with_suffix(".tmp")
             save_file({"mom2": C[l].to(getattr(torch, cfg.dtype)).contiguous().cpu(), "count": torch.tensor(n)}, tmp)
             tmp.replace(path[l])
-        (folder / "config.json").write_text(json.dumps({"model": model_id, **asdict(cfg), "tokens": n}, indent=2))
+        (folder / "config.json").write_text(json.dumps({**ident, "tokens": n}, indent=2))
     dev = next(model.parameters()).device
     return {l: load_file(path[l])["mom2"].to(dev, torch.float64) for l in layers}

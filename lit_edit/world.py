@@ -67,7 +67,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-WORLD_FORMAT_VERSION = 1  # bump when generated content or training changes for an unchanged spec
+WORLD_FORMAT_VERSION = 2  # bump when generated content or training changes for an unchanged spec
 EOS = "<|endoftext|>"
 
 __all__ = [
@@ -316,6 +316,12 @@ def _rng(seed: int, tag: str) -> random.Random:
 
 
 def _make_names(n: int, seed: int, forbidden: set[str]) -> list[str]:
+    """``n`` subjects "First Last", first and last names each unique.
+
+    Measured on the tiny preset (12 epochs, canonical top-1): two unique words 0.99; one unique
+    word 0.30; a shared first name + unique last name 0.29 (0.84 after 30 epochs). The 4-layer
+    model learns facts of two-token subjects several times faster, so subjects keep two words.
+    """
     rng = _rng(seed, "names")
     firsts: set[str] = set()
     lasts: set[str] = set()
@@ -480,10 +486,19 @@ class World:
                         "generation_prompts": [t.format(s) for t in GENERATION_TEMPLATES],
                     }
                 )
-        rng.shuffle(records)
-        for i, rec in enumerate(records):
+        # Order: R rounds; in each, every subject appears once (its relations dealt round-robin from a
+        # seeded offset), shuffled within the round. So any prefix of up to n_subjects records edits
+        # distinct subjects: two edits of one subject share their keys and would compete (§4).
+        R = len(self.relations)
+        offset = {si: rng.randrange(R) for si in range(len(self.subjects))}
+        ordered = []
+        for rnd in range(R):
+            batch = [records[si * R + (offset[si] + rnd) % R] for si in range(len(self.subjects))]
+            rng.shuffle(batch)
+            ordered += batch
+        for i, rec in enumerate(ordered):
             rec["case_id"] = i
-        return records
+        return ordered
 
 
 def build_world(spec: WorldSpec | str = "default") -> World:
@@ -536,17 +551,22 @@ def build_world(spec: WorldSpec | str = "default") -> World:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int | None = None):
-    """Train a GPT-2-style byte-level BPE (leading-space tokens) on ``texts``.
+    """Train a GPT-2-style byte-level BPE (leading-space tokens) on ``texts``; it adds a BOS.
 
+    ``add_prefix_space=True``: a text is tokenised as if a space preceded it, so a word has ONE
+    token form whether it starts a sequence or not. (Without it, a subject at the start of a prompt
+    — "{} was born in" — is split into word-internal pieces whose first one is shared by many
+    subjects, unlike the same subject mid-sentence; the model then learns the facts ~3x slower and
+    keys them on varying positions.)
     Returns a ``transformers.PreTrainedTokenizerFast`` whose bos/eos/pad/unk token is
-    ``<|endoftext|>`` (id 0), padding on the right, adding no special tokens when encoding.
+    ``<|endoftext|>`` (id 0), padding on the right, prepending it as BOS when encoding with special tokens.
     The vocabulary may come out smaller than ``vocab_size`` if the text supports no more merges.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -555,6 +575,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
+    # every text starts with <|endoftext|> as BOS (GPT-2 separates documents with it): the first real
+    # token then never sits at position 0, the attention sink. With subjects at position 0
+    # ("{} was born in") the tiny world reached 0.22 canonical top-1 instead of 0.99.
+    eos_id = tok.token_to_id(EOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B",
+                                                       special_tokens=[(EOS, eos_id)])
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -568,7 +594,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int
 
 
 def check_tokenizer(world: World, tokenizer) -> None:
-    """Raise ``ValueError`` if objects of a relation share a first token or a subject is one token."""
+    """Raise ``ValueError`` if objects of a relation share a first token."""
     for r in world.relations:
         firsts: dict[int, str] = {}
         for o in r.objects:
@@ -579,9 +605,6 @@ def check_tokenizer(world: World, tokenizer) -> None:
                     "increase vocab_size"
                 )
             firsts[t] = o
-    for s in world.subjects:
-        if len(tokenizer(s, add_special_tokens=False).input_ids) < 2:
-            raise ValueError(f"subject {s!r} is a single token")  # cannot happen: two words
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,14 +614,14 @@ def check_tokenizer(world: World, tokenizer) -> None:
 
 @torch.no_grad()
 def top1_predictions(model, tokenizer, prompts: Sequence[str], batch_size: int = 256) -> list[int]:
-    """Argmax next-token id after each prompt (right padding; no special tokens added)."""
+    """Argmax next-token id after each prompt (right padding; BOS added as in training)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[int] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True)
         ids = enc["input_ids"].to(device)
         mask = enc["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -657,8 +680,8 @@ def make_model(spec: WorldSpec, tokenizer):
 def _pack_epochs(world: World, tokenizer, spec: WorldSpec) -> list[list[list[int]]]:
     """Token-id sequences for every epoch: seeded random packs of 1..pack_max sentences + eos."""
     texts = world.training_texts()
-    start = tokenizer(texts, add_special_tokens=False).input_ids
-    inner = tokenizer([" " + t for t in texts], add_special_tokens=False).input_ids
+    start = tokenizer(texts, add_special_tokens=True).input_ids  # BOS + sentence
+    inner = tokenizer(texts, add_special_tokens=False).input_ids  # add_prefix_space: same word forms anywhere
     eos = tokenizer.eos_token_id
     limit = spec.n_positions
     epochs = []

@@ -15,7 +15,7 @@ from lit_edit.solvers import MEMIT, AlphaEdit
 from lit_edit.stats import StatsConfig
 from lit_edit.targets import TargetConfig
 
-LAYERS = [1, 2]
+LAYERS = [0, 1]
 
 
 def make_module(solver=None, **kw):
@@ -138,3 +138,15 @@ def test_prompt_too_long_is_refused_before_any_edit(tiny_world, tmp_path):
         make_trainer(tmp_path, ckpt=False).fit(module, dm)
     assert repr(bad.case_id) in str(err.value) and "prompt" in str(err.value)
     assert module.solver.n_edits == 0
+
+
+def test_retention_curve_is_logged_once_per_interval(fitted):
+    """edited/* (all requests edited so far) appear in TensorBoard exactly at the eval steps, with no stale repeats."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module, _, trainer, _ = fitted
+    ea = EventAccumulator(trainer.log_dir)
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("edited/efficacy")]
+    assert steps == [2, 4]  # 4 steps, eval_every_n_steps=2
+    assert ea.Scalars("edited/efficacy")[-1].value == pytest.approx(module.final_scores["efficacy"])

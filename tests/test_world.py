@@ -130,10 +130,11 @@ def test_counterfact_records_schema(name):
     assert len(records) == w.n_facts
     assert [r["case_id"] for r in records] == list(range(len(records)))
     assert len({(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"]) for r in records}) == len(records)
-    same_subject_neighbours = sum(
-        a["requested_rewrite"]["subject"] == b["requested_rewrite"]["subject"] for a, b in zip(records, records[1:])
-    )
-    assert same_subject_neighbours < 0.2 * len(records)  # shuffled, not grouped by subject
+    # rounds of n_subjects records, each editing every subject once: a prefix never repeats a subject
+    S = len(w.subjects)
+    for rnd in range(len(records) // S):
+        assert sorted(r["requested_rewrite"]["subject"] for r in records[rnd * S : (rnd + 1) * S]) == sorted(w.subjects)
+    assert [r["requested_rewrite"]["subject"] for r in records[:S]] != w.subjects  # shuffled within a round
     canon_subject = {}
     for rel in w.relations:
         for s in w.subjects:
@@ -194,13 +195,13 @@ def test_tokenizer_roundtrip_and_special_tokens(tiny, tiny_tok, tmp_path):
     samples = tiny.training_texts()[:50] + [tiny.heldout_prompts()[0][0]] + ["Ünïcödé text — never seen 123!"]
     for text in samples:
         ids = tok(text, add_special_tokens=False).input_ids
-        assert tok.decode(ids) == text
+        assert tok.decode(ids) == " " + text  # add_prefix_space: every text reads as a mid-sentence word
     assert tok.eos_token == tok.bos_token == tok.pad_token == "<|endoftext|>"
     assert tok.padding_side == "right"
-    assert tok("Paris", add_special_tokens=False).input_ids != tok(" Paris", add_special_tokens=False).input_ids
+    assert tok("Paris", add_special_tokens=False).input_ids == tok(" Paris", add_special_tokens=False).input_ids
     assert tok.convert_ids_to_tokens(tok(" Paris", add_special_tokens=False).input_ids)[0].startswith("Ġ")
-    assert tok("a b").input_ids == tok("a b", add_special_tokens=False).input_ids  # adds no special tokens
-    W.check_tokenizer(tiny, tok)  # subjects multi-token, objects of a relation have distinct first tokens
+    assert tok("a b").input_ids == [tok.bos_token_id] + tok("a b", add_special_tokens=False).input_ids  # BOS
+    W.check_tokenizer(tiny, tok)  # objects of a relation have distinct first tokens
     tok.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
 
