@@ -11,40 +11,34 @@ from lit_edit.layouts import block_hidden, replace_block_hidden
 
 
 @contextmanager
-def capture_inputs(modules: dict):
-    """Record the first positional input of each module on every forward: ``{key: [tensor, ...]}``."""
-    store: dict = {k: [] for k in modules}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, k=k: store[k].append(args[0]))
-        for k, m in modules.items()
-    ]
+def _hooked(handles: list):
     try:
-        yield store
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def capture_inputs(modules: dict):
+    """Record the first positional input of each module on every forward: ``{key: [tensor, ...]}``."""
+    store: dict = {k: [] for k in modules}
+    with _hooked([m.register_forward_pre_hook(lambda _m, args, k=k: store[k].append(args[0]))
+                  for k, m in modules.items()]):
+        yield store
 
 
 @contextmanager
 def capture_outputs(modules: dict):
     """Record the hidden-state output of each block (tuple or bare tensor, see layouts.block_hidden)."""
     store: dict = {k: [] for k in modules}
-    handles = [
-        m.register_forward_hook(lambda _m, _a, out, k=k: store[k].append(block_hidden(out)))
-        for k, m in modules.items()
-    ]
-    try:
+    with _hooked([m.register_forward_hook(lambda _m, _a, out, k=k: store[k].append(block_hidden(out)))
+                  for k, m in modules.items()]):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
 def rewrite_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
     """Replace the module's hidden output ``h`` by ``fn(h)`` (e.g. add δ at the fact token)."""
-    handle = module.register_forward_hook(lambda _m, _a, out: replace_block_hidden(out, fn(block_hidden(out))))
-    try:
+    with _hooked([module.register_forward_hook(lambda _m, _a, out: replace_block_hidden(out, fn(block_hidden(out))))]):
         yield
-    finally:
-        handle.remove()
