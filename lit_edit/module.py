@@ -64,7 +64,7 @@ def generate_context_templates(model, tok, spec: list[list[int]], seed: int) -> 
         for i in range(count):
             ids = tok(starts[i % len(starts)], add_special_tokens=True, return_tensors="pt")["input_ids"].to(dev)
             while ids.shape[1] < length:
-                logits = model(input_ids=ids).logits[0, -1].float().cpu()
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float().cpu()
                 top = logits.topk(5)
                 nxt = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
                 ids = torch.cat([ids, nxt.to(dev)[None]], 1)
