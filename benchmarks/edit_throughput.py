@@ -8,17 +8,15 @@ their ratio and the largest relative difference between the two sets of targets.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import lit_edit  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its thread pool)
+import torch
 
-import torch  # noqa: E402
-
-from lit_edit.data import read_requests  # noqa: E402
-from lit_edit.module import generate_context_templates, load_model  # noqa: E402
-from lit_edit.layouts import get_layout  # noqa: E402
-from lit_edit.targets import TargetConfig, compute_targets, compute_targets_reference  # noqa: E402
+from lit_edit.data import read_requests
+from lit_edit.layouts import get_layout
+from lit_edit.module import generate_context_templates, load_model
+from lit_edit.targets import TargetConfig, compute_targets, compute_targets_reference
 
 
 def main() -> None:

@@ -680,8 +680,8 @@ def make_model(spec: WorldSpec, tokenizer):
 def _pack_epochs(world: World, tokenizer, spec: WorldSpec) -> list[list[list[int]]]:
     """Token-id sequences for every epoch: seeded random packs of 1..pack_max sentences + eos."""
     texts = world.training_texts()
-    start = tokenizer(texts, add_special_tokens=True).input_ids  # BOS + sentence
-    inner = tokenizer(texts, add_special_tokens=False).input_ids  # add_prefix_space: same word forms anywhere
+    # add_prefix_space: a sentence has the same ids anywhere in a pack; the first one gets the BOS in front
+    inner = tokenizer(texts, add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
     limit = spec.n_positions
     epochs = []
@@ -693,7 +693,7 @@ def _pack_epochs(world: World, tokenizer, spec: WorldSpec) -> list[list[list[int
         i = 0
         while i < len(order):
             k = rng.randint(1, spec.pack_max)
-            seq = list(start[order[i]])
+            seq = [tokenizer.bos_token_id] + inner[order[i]]
             i += 1
             for _ in range(k - 1):
                 if i >= len(order) or len(seq) + len(inner[order[i]]) + 1 > limit:

@@ -1,12 +1,8 @@
 """Shared pytest fixtures."""
-import os
+import pathlib
 
-# OpenMP busy-waiting makes CPU training much slower on a loaded 2-core machine; must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
+import lit_edit  # noqa: F401  (before any test imports torch: lit_edit sets OMP_WAIT_POLICY)
+import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,8 @@ LAYERS = [0, 1]
 
 def make_module(solver=None, **kw):
     return EditModule(model="world:tiny", layers=LAYERS, solver=solver or MEMIT(mom2_update_weight=1000.0),
-                      targets=TargetConfig(v_num_grad_steps=25, clamp_norm_factor=4.0, fact_token="subject_first"), stats=StatsConfig(dataset="world:tiny", max_length=64),
+                      targets=TargetConfig(v_num_grad_steps=25, clamp_norm_factor=4.0, fact_token="subject_first"),
+                      stats=StatsConfig(dataset="world:tiny", max_length=64),
                       context_templates=[[10, 2]], **kw)
 
 
