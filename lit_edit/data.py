@@ -155,14 +155,21 @@ def _counterfact_rewrite(case_id: Any, rewrite: Any, record: dict, source: str) 
     """One CounterFact ``requested_rewrite`` (plus the record's evaluation prompts) as a request."""
     if not isinstance(rewrite, dict):
         raise EditRequestError(case_id, "requested_rewrite", f"expected an object, got {type(rewrite).__name__}")
-    target_new = _get(rewrite, "target_new", case_id)
-    target_true = _get(rewrite, "target_true", case_id)
+    # lit_edit extension: a record-level "op" (insert | replace | remove); a removal names the fact only
+    op = record.get("op") or "insert"  # datasets fills a column missing from some records with None
+    if op == "remove":
+        target_new = rewrite.get("target_new") or {"str": ""}
+        target_true = rewrite.get("target_true") or {"str": None}
+    else:
+        target_new = _get(rewrite, "target_new", case_id)
+        target_true = _get(rewrite, "target_true", case_id)
     return EditRequest(
         case_id=case_id,
         prompt=_get(rewrite, "prompt", case_id),
         subject=_get(rewrite, "subject", case_id),
         target_new=_get(target_new, "str", case_id, "target_new"),
-        target_true=_get(target_true, "str", case_id, "target_true"),
+        target_true=target_true.get("str") if op == "remove" else _get(target_true, "str", case_id, "target_true"),
+        op=op,
         paraphrase_prompts=_str_list(record, "paraphrase_prompts"),
         neighborhood_prompts=_str_list(record, "neighborhood_prompts"),
         neighborhood_targets=None,  # CounterFact neighbours are scored against target_true

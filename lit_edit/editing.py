@@ -6,7 +6,9 @@ For a batch with targets Z at layer L and edited layers l_0 < … < l_{m−1} = 
   R  = (Z − H) / (m − i)          (the remaining gap spread over the layers not yet written),
   Δ  = solver.solve(l_i, K, R),   W_{l_i} += Δ.
 Afterwards the keys of the batch are recomputed at every layer on the edited model and committed
-to the solver's accumulated constraint. :func:`apply_batch` is atomic: on any error or a
+to the solver's accumulated constraint with the values each layer was asked to store
+(V = W_before K + R, the ledger that removal needs). Requests that replace or remove earlier edits
+first drop those edits (OTE–SE Prop. 3.5). :func:`apply_batch` is atomic: on any error or a
 non-finite Δ the edited matrices and the solver state are restored.
 """
 from __future__ import annotations
@@ -16,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lit_edit.hooks import capture_inputs, capture_outputs
-from lit_edit.layouts import add_to_weight, block_module, edited_module, get_weight
-from lit_edit.requests import EditRequest
+from lit_edit.layouts import add_to_weight, block_module, edited_module, get_weight, set_weight
+from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.tokens import encode_prompt, fill_context, pad_batch, pad_id
 
 
@@ -71,33 +73,86 @@ def compute_block_states(model, tok, layout, layer: int, requests: list[EditRequ
 @dataclass
 class StepStats:
     residual_norm: dict[int, float] = field(default_factory=dict)  # mean ‖R‖ per column, per layer
-    update_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F per layer
+    update_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F written per layer (after finalize)
+    request_residual: dict[int, list[float]] = field(default_factory=dict)  # ‖R_j‖ per layer, per inserted request
+    forget_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F of the removal phase per layer
+    dropped: list[str] = field(default_factory=list)  # fact ids whose earlier edits were removed this step
+
+
+def plan_operations(solver, requests: list[EditRequest]) -> tuple[list[EditRequest], list[str]]:
+    """Split a batch into the requests that write a value (insert, replace) and the facts whose earlier edits
+    must be dropped first (replace, remove, and inserts of an already edited fact under ``on_conflict:
+    replace``). Raises :class:`EditRequestError` naming the record before anything is written."""
+    writes, drops, seen = [], [], {}
+    for r in requests:
+        fid = r.fact_id
+        if fid in seen:
+            raise EditRequestError(r.case_id, "prompt", f"edits the same fact ({fid!r}) as case_id={seen[fid]!r} "
+                                   f"in the same batch; put them in different steps")
+        seen[fid] = r.case_id
+        known = solver.knows(fid)
+        if r.op in ("replace", "remove") and not known:
+            raise EditRequestError(r.case_id, "op", f"{r.op} of fact {fid!r}, which has no applied edit in the "
+                                   f"solver's ledger")
+        if r.op == "insert" and known:
+            policy = getattr(solver, "on_conflict", "keep")
+            if policy == "error":
+                raise EditRequestError(r.case_id, "op", f"fact {fid!r} is already edited; use op 'replace' "
+                                       f"(or the solver's on_conflict: replace)")
+            if policy == "replace":
+                drops.append(fid)
+        if r.op in ("replace", "remove"):
+            drops.append(fid)
+        if r.op != "remove":
+            writes.append(r)
+    return writes, drops
 
 
 def apply_batch(model, tok, layout, solver, layers: list[int], requests: list[EditRequest], Z: torch.Tensor,
                 context_templates: list[str], fact_token: str = "subject_last", legacy_bos_shift: bool = False) -> StepStats:
-    """Write targets Z (n × d) into ``layers`` (§4 layer loop), commit keys to the solver. Atomic."""
+    """Apply one step: first remove the earlier edits of dropped facts (Prop. 3.5), then write the targets
+    Z (one row per non-remove request, in order) into ``layers`` (§4 layer loop) and commit keys and
+    stored values to the solver; the solver's ``finalize`` (PRUNE/RECT) decides what is finally written.
+    Atomic: on any error the edited matrices and the solver state are restored."""
     layers = sorted(layers)
     L, m = layers[-1], len(layers)
+    writes, drops = plan_operations(solver, requests)
+    if Z.shape[0] != len(writes):
+        raise ValueError(f"{Z.shape[0]} targets for {len(writes)} inserted/replaced requests")
     saved_w = {l: get_weight(model, layout, l).clone() for l in layers}
-    saved_solver = solver.state_dict()  # references: commit() never mutates in place
-    stats = StepStats()
+    saved_solver = solver.state_dict()  # references: the solver replaces its tensors, never mutates them
+    stats = StepStats(dropped=list(drops))
     ids = [r.case_id for r in requests]
     try:
-        for i, l in enumerate(layers):
-            K = compute_keys(model, tok, layout, [l], requests, context_templates, fact_token, legacy_bos_shift)[l]
-            H = compute_block_states(model, tok, layout, L, requests, fact_token, legacy_bos_shift)
-            R = (Z.to(H.device).float() - H).T / (m - i)  # d × n
-            delta = solver.solve(l, K, R)
-            if not torch.isfinite(delta).all():
-                raise EditStepError(f"non-finite update at layer {l}")
-            add_to_weight(model, layout, l, delta)
-            stats.residual_norm[l] = R.norm(dim=0).mean().item()
-            stats.update_norm[l] = delta.norm().item()
-        K_all = compute_keys(model, tok, layout, layers, requests, context_templates, fact_token, legacy_bos_shift)
-        for l in layers:
-            solver.commit(l, K_all[l])
-        solver.finish_batch(len(requests))
+        if drops:
+            deltas = solver.forget(drops, {l: get_weight(model, layout, l) for l in layers})
+            for l, delta in deltas.items():
+                _check_finite(delta, l)
+                add_to_weight(model, layout, l, delta)
+                stats.forget_norm[l] = delta.norm().item()
+        if writes:
+            W_before = {l: get_weight(model, layout, l).clone() for l in layers} if drops else saved_w
+            raw, values = {}, {}
+            for i, l in enumerate(layers):
+                K = compute_keys(model, tok, layout, [l], writes, context_templates, fact_token, legacy_bos_shift)[l]
+                H = compute_block_states(model, tok, layout, L, writes, fact_token, legacy_bos_shift)
+                R = (Z.to(H.device).float() - H).T / (m - i)  # d × n
+                raw[l] = solver.solve(l, K, R)
+                _check_finite(raw[l], l)
+                values[l] = W_before[l].double() @ K.double() + R.double()  # what this layer is asked to store
+                add_to_weight(model, layout, l, raw[l])
+                stats.residual_norm[l] = R.norm(dim=0).mean().item()
+                stats.request_residual[l] = R.norm(dim=0).tolist()
+            K_all = compute_keys(model, tok, layout, layers, writes, context_templates, fact_token, legacy_bos_shift)
+            for l in layers:
+                solver.commit(l, K_all[l], values[l])
+            for l in layers:
+                applied = solver.finalize(l, raw[l], W_before[l])
+                if applied is not raw[l]:  # a regulariser changed Δ: write W_before + Φ(Δ) instead of the raw Δ
+                    _check_finite(applied, l)
+                    set_weight(model, layout, l, W_before[l] + applied.to(W_before[l].dtype))
+                stats.update_norm[l] = applied.norm().item()
+        solver.finish_batch([r.fact_id for r in writes])
         for l in layers:
             if not torch.isfinite(get_weight(model, layout, l)).all():
                 raise EditStepError(f"non-finite weights at layer {l}")
@@ -111,3 +166,8 @@ def apply_batch(model, tok, layout, solver, layers: list[int], requests: list[Ed
             f"to their values before this step."
         ) from e
     return stats
+
+
+def _check_finite(delta: torch.Tensor, layer: int) -> None:
+    if not torch.isfinite(delta).all():
+        raise EditStepError(f"non-finite update at layer {layer}")

@@ -30,8 +30,8 @@ class EditPlan:
     """What training_step hands to the callback: the requests and their targets at the last edited layer."""
 
     requests: list[EditRequest]
-    Z: torch.Tensor  # [n, d]
-    targets: TargetResult
+    Z: torch.Tensor  # [n_writes, d], one row per request that is not a removal
+    targets: TargetResult | None  # None when the batch only removes edits
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -113,7 +113,8 @@ class EditModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None
-        self.edited_ids: list = []
+        self.edited_ids: list = []  # live edits in order (replaced or removed facts leave it)
+        self.n_removed = 0
         self.context: list[str] = []
         self.pre_records: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
         self.final_scores: dict[str, float] = {}
@@ -140,7 +141,8 @@ class EditModule(L.LightningModule):
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
-            self.pre_records = dict(zip([r.case_id for r in self.requests], record_scores(self.llm, self.tok, self.requests)))
+            scored = [r for r in self.requests if r.op != "remove"]
+            self.pre_records = dict(zip([r.case_id for r in scored], record_scores(self.llm, self.tok, scored)))
 
     def validate_lengths(self, requests: list[EditRequest]) -> None:
         """The longest sequence a request produces must fit the model's context (checked before any edit)."""
@@ -149,6 +151,8 @@ class EditModule(L.LightningModule):
             return
         longest_ctx = max(self.context, key=len)
         for r in requests:
+            if r.op == "remove":
+                continue
             enc = encode_prompt(self.tok, fill_context(longest_ctx, r.prompt), r.subject, self.target_cfg.fact_token)
             n = len(enc.ids) + len(target_ids(self.tok, r.target_new)) - 1
             if n > limit:
@@ -162,29 +166,41 @@ class EditModule(L.LightningModule):
     def training_step(self, batch: list[EditRequest], batch_idx: int):
         started = time.perf_counter()
         L_ = self.layers[-1]
-        with torch.enable_grad():
-            res = compute_targets(self.llm, self.tok, self.layout, L_, batch, self.context, self.target_cfg)
-        n = len(batch)
-        self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
-                       "targets/steps": res.steps.float().mean(), "targets/delta_norm": res.delta.norm(dim=-1).mean()},
-                      batch_size=n)
+        writes = [r for r in batch if r.op != "remove"]  # removals need no target
+        res = None
+        if writes:
+            with torch.enable_grad():
+                res = compute_targets(self.llm, self.tok, self.layout, L_, writes, self.context, self.target_cfg)
+            self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
+                           "targets/steps": res.steps.float().mean(),
+                           "targets/delta_norm": res.delta.norm(dim=-1).mean()}, batch_size=len(writes))
         # Lightning counts global_step through optimizer steps; with no optimizer it hands us a mock one whose
         # step() must be called inside training_step (ModelCheckpoint/max_steps read global_step).
         self.optimizers().step()
-        return {"plan": EditPlan(batch, res.v_star, res, started)}
+        Z = res.v_star if res is not None else torch.zeros(0, self.llm.config.hidden_size, device=self.device)
+        return {"plan": EditPlan(batch, Z, res, started)}
 
     def on_edit_applied(self, plan: EditPlan, stats: StepStats) -> None:
         """Called by ClosedFormEdit after a successful write: ledger, logs, retention evaluation."""
         n = len(plan.requests)
-        self.edited_ids.extend(r.case_id for r in plan.requests)
-        for l in self.layers:
-            self.log(f"update/residual_norm/layer_{l}", stats.residual_norm[l], batch_size=n)
-            self.log(f"update/delta_norm/layer_{l}", stats.update_norm[l], batch_size=n)
+        writes = [r for r in plan.requests if r.op != "remove"]
+        if stats.dropped:  # replaced or forgotten facts leave the set of live edits
+            dropped = set(stats.dropped)
+            by_id = {r.case_id: r for r in self.requests}
+            self.edited_ids = [i for i in self.edited_ids if by_id[i].fact_id not in dropped]
+            self.n_removed += sum(r.op == "remove" for r in plan.requests)
+            self.log("n_removed", float(self.n_removed), batch_size=n)
+        self.edited_ids.extend(r.case_id for r in writes)
+        for name, per_layer in (("residual_norm", stats.residual_norm), ("delta_norm", stats.update_norm),
+                                ("forget_norm", stats.forget_norm)):
+            for l, v in per_layer.items():
+                self.log(f"update/{name}/layer_{l}", v, batch_size=n)
         for k, v in self.solver.describe().items():
             self.log(f"solver/{k}", float(v), batch_size=n)
-        self.batch_metrics.reset()
-        update_metrics(self.batch_metrics, record_scores(self.llm, self.tok, plan.requests))
-        self.log_dict(self.batch_metrics.compute(), batch_size=n, prog_bar=True)
+        if writes:
+            self.batch_metrics.reset()
+            update_metrics(self.batch_metrics, record_scores(self.llm, self.tok, writes))
+            self.log_dict(self.batch_metrics.compute(), batch_size=len(writes), prog_bar=True)
         self.log("n_edits", float(len(self.edited_ids)), batch_size=n)
         step = self.global_step
         if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
@@ -199,11 +215,21 @@ class EditModule(L.LightningModule):
     def _write_ledger(self, plan: EditPlan, stats: StepStats) -> None:
         if self._trainer is None or not self.trainer.is_global_zero or not self.trainer.log_dir:
             return
+        dropped = set(stats.dropped)
         with open(Path(self.trainer.log_dir) / "edits.jsonl", "a") as f:
-            for i, r in enumerate(plan.requests):
-                f.write(json.dumps({"case_id": r.case_id, "step": self.global_step, "operation": "insert",
-                                    "layers": self.layers, "target_loss": round(float(plan.targets.loss[i]), 6),
-                                    "residual_norm": stats.residual_norm, "update_norm": stats.update_norm}) + "\n")
+            j = 0  # index among the requests that wrote a value
+            for r in plan.requests:
+                line = {"case_id": r.case_id, "step": self.global_step, "operation": r.op, "fact": r.fact_id,
+                        "layers": self.layers, "update_norm": stats.update_norm}
+                if r.op == "insert" and r.fact_id in dropped:
+                    line["operation"] = "insert (replaced earlier edit)"
+                if r.op != "remove":
+                    line["target_loss"] = round(float(plan.targets.loss[j]), 6)
+                    line["residual_norm"] = {l: v[j] for l, v in stats.request_residual.items()}
+                    j += 1
+                if r.fact_id in dropped:
+                    line["forget_norm"] = stats.forget_norm
+                f.write(json.dumps(line) + "\n")
 
     # -- evaluation -----------------------------------------------------------------------
     def edited_requests(self) -> list[EditRequest]:
@@ -249,6 +275,7 @@ class EditModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lit_edit"] = {"solver": self.solver.state_dict(), "context": self.context,
                                   "edited_ids": list(self.edited_ids), "pre_records": self.pre_records,
+                                  "n_removed": self.n_removed,
                                   "model": self.model_name, "layers": self.layers}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -258,6 +285,7 @@ class EditModule(L.LightningModule):
         self.solver.load_state_dict(state["solver"])
         self.context = state["context"]
         self.edited_ids = list(state["edited_ids"])
+        self.n_removed = int(state.get("n_removed", 0))
         self.pre_records = state["pre_records"]
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+OPERATIONS = ("insert", "replace", "remove")
+
+
 class EditRequestError(ValueError):
     """A record that cannot be edited. Names the record (case id) and the offending field."""
 
@@ -40,6 +43,12 @@ class EditRequest:
     generation_prompts: list[str] = field(default_factory=list)
     relation_id: str | None = None
     source: str = "counterfact"  # "counterfact" | "zsre" | "world": selects the metric family
+    op: str = "insert"  # "insert" | "replace" (new value for an edited fact) | "remove" (forget an edited fact)
+
+    @property
+    def fact_id(self) -> str:
+        """The fact an edit writes: its filled prompt. ``replace`` and ``remove`` find earlier edits by it."""
+        return self.filled_prompt
 
     @property
     def filled_prompt(self) -> str:
@@ -52,9 +61,11 @@ class EditRequest:
             raise EditRequestError(cid, "prompt", f"must contain exactly one '{{}}' for the subject, got {self.prompt!r}")
         if not isinstance(self.subject, str) or not self.subject.strip():
             raise EditRequestError(cid, "subject", "missing or empty")
-        if not isinstance(self.target_new, str) or not self.target_new.strip():
+        if self.op not in OPERATIONS:
+            raise EditRequestError(cid, "op", f"must be one of {OPERATIONS}, got {self.op!r}")
+        if self.op != "remove" and (not isinstance(self.target_new, str) or not self.target_new.strip()):
             raise EditRequestError(cid, "target_new", "missing or empty")
-        if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
+        if self.op != "remove" and self.target_true is not None and self.target_new.strip() == self.target_true.strip():
             raise EditRequestError(cid, "target_new", f"equals target_true ({self.target_true!r}): nothing to edit")
         prefix = self.prompt.split("{}")[0]
         if prefix and not prefix.endswith(" "):

@@ -1,13 +1,41 @@
 """Downstream closed-form solvers: given keys K (d_in×n) and residuals R (d_out×n) of one layer,
 return the update Δ (d_out×d_in, math layout) and keep the accumulated constraints of past edits.
 
-Every solver here is linear in R: Δ = R·M with the *gate* M = gate(layer, K) (n×d_in),
-ALGORITHMS.md §7.6. MetaKE differentiates through that map; the diagnostics read it too.
-All algebra runs in float64 on symmetric positive-definite systems (Cholesky).
+One objective, OTE–SE Prop. 3.2 (ALGORITHMS.md §6). Work in coordinates x = Pᵀk, where P is the
+identity or an orthonormal basis U0 (d_in×r) of the null space of C0 (AlphaEdit, §5), so that
+Δ = G Pᵀ. After t steps with keys K_τ and per-layer targets V_τ the one-time solution is
+
+    G*_t = argmin_G  λ‖G PᵀK0‖² + α‖G‖² + Σ_τ ‖(W_0 + G Pᵀ) K_τ − V_τ‖²  =  B_t A_t⁻¹,
+    A_t  = λ PᵀC0P + α I + Σ_τ K̃_τ K̃_τᵀ,      B_t = Σ_τ (V_τ − W_0 K_τ) K̃_τᵀ,      K̃ = Pᵀ K.
+
+The aligned step (recursive least squares) is G*_t − G*_{t−1} = R_t K̃_tᵀ A_t⁻¹ with R_t = V_t − W_{t−1} K_t
+measured on the current weights, so the sum of the steps is the one-time solution. MEMIT_seq
+(Remark A.1) is P = I, α = 0; AlphaEdit is P = U0, λ = 0, α = L2.
+
+Fast, exact algebra: we keep Ainv = A⁻¹ (d×d, or r×r in the null-space basis) in float64 and change
+it by the step's rank-n term with Woodbury: with Y = K̃ᵀ A⁻¹ and X = (I + K̃ᵀ A⁻¹ K̃)⁻¹ Y (an n×n solve),
+
+    M = K̃ᵀ A_t⁻¹ = X,        A_t⁻¹ = A⁻¹ − Yᵀ X,
+
+i.e. O(d²n) per step instead of the O(d³) dense re-solve. Removing edits (rare) rebuilds A⁻¹ from
+A_0 and the ledger's remaining keys instead of a Woodbury downdate: a downdate forms I − K̃ᵀA⁻¹K̃,
+a difference of numbers close to 1 when the removed keys dominate A in some direction, and loses
+as many digits as that direction's conditioning (measured: 1e-5 relative on the unit test's system).
+
+Every solver is affine in R: Δ = R·M + c, with the gate M = gate(layer, K) (n×d_in) carrying all of
+the R-dependence (ALGORITHMS.md §7.6). MetaKE differentiates through that map; diagnostics read it.
 """
 from __future__ import annotations
 
 import torch
+
+MODES = ("aligned", "naive", "memorize_latest")
+REGULARIZERS = (None, "prune", "rect")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure algebra
+# ----------------------------------------------------------------------------------------------
 
 
 def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -18,152 +46,380 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(A, B)
 
 
-def nullspace_basis(C0: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Columns of U (C0 = U S Uᵀ) whose eigenvalue is below ``threshold``: a basis U0 (d×r) of the
-    (approximate) null space of the preserved keys' second moment (AlphaEdit, §5). Kept as a basis,
-    never as the dense d×d projector P = U0 U0ᵀ."""
+def spd_inverse(A: torch.Tensor, what: str) -> torch.Tensor:
+    """A⁻¹ of a symmetric positive-definite matrix through its Cholesky factor; a clear error otherwise."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        smallest = torch.linalg.eigvalsh(A)[0].item()
+        raise ValueError(f"{what} is not positive definite (smallest eigenvalue {smallest:.3g}); "
+                         f"raise mom2_update_weight (λ) or L2 (α)")
+    return torch.cholesky_inverse(L)
+
+
+def nullspace_basis(C0: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors of C0 (= U S Uᵀ) whose eigenvalue is below ``threshold``, and those eigenvalues: a basis
+    U0 (d×r) of the approximate null space of the preserved keys' second moment (AlphaEdit, §5). Kept as a
+    basis, never as the dense d×d projector P = U0 U0ᵀ."""
     evals, evecs = torch.linalg.eigh(C0.double())
-    return evecs[:, evals < threshold].contiguous()
+    keep = evals < threshold
+    return evecs[:, keep].contiguous(), evals[keep]
+
+
+def woodbury_response(Ainv: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For A' = A + K Kᵀ: X = (I + Kᵀ A⁻¹ K)⁻¹ Kᵀ A⁻¹ = Kᵀ A'⁻¹ (n×d, an SPD n×n solve) and Y = Kᵀ A⁻¹,
+    so that A'⁻¹ = A⁻¹ − Yᵀ X (Woodbury)."""
+    Y = K.T @ Ainv
+    eye = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
+    return spd_solve(eye + Y @ K, Y), Y
+
+
+def woodbury_update(Ainv: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """A'⁻¹ = A⁻¹ − Yᵀ X, symmetrised (a new tensor: snapshots of the old one stay valid)."""
+    out = torch.addmm(Ainv, Y.T, X, alpha=-1.0)
+    return 0.5 * (out + out.T)
+
+
+def prune(delta: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Φ_PRUNE(Δ; W), §6.2: singular values of Δ above σ_max(W) become ln s − ln σ_max + σ_max (natural log);
+    the others are kept. ``W`` is the weight before this batch."""
+    sigma_max = torch.linalg.matrix_norm(W.double(), ord=2)
+    U, s, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    big = s > sigma_max
+    if not bool(big.any()):
+        return delta
+    s = torch.where(big, torch.log(s) - torch.log(sigma_max) + sigma_max, s)
+    return ((U * s) @ Vh).to(delta.dtype)
+
+
+def rect_mask(delta: torch.Tensor, W: torch.Tensor, keep_percent: float) -> torch.Tensor:
+    """RECT's mask, §6.3: relative change r = |Δ / (W + 1e-8)|; keep the entries with r ≥ the m-th smallest
+    value, m = floor(numel·(100 − k)/100) (≈ the top k %, ties included)."""
+    r = (delta.double() / (W.double() + 1e-8)).abs().flatten()
+    m = int(r.numel() * (100.0 - keep_percent) // 100)
+    if m < 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    threshold = torch.kthvalue(r, m).values
+    return (r >= threshold).view_as(delta)
+
+
+def rect(delta: torch.Tensor, W: torch.Tensor, keep_percent: float) -> torch.Tensor:
+    """Φ_RECT(Δ; W, k), §6.3: only the top-k % entries of Δ by relative change are written."""
+    return delta * rect_mask(delta, W, keep_percent)
+
+
+# ----------------------------------------------------------------------------------------------
+# Solvers
+# ----------------------------------------------------------------------------------------------
 
 
 class Solver:
-    """Base class. ``setup`` receives C0 per edited layer (uncentred key second moment, §3)."""
+    """Interface of a downstream solver. Per step, for each edited layer (low to high):
+    ``solve`` gives the raw Δ that is written at once (later layers' keys see it); afterwards ``commit`` adds
+    the batch's keys (recomputed on the edited model) and stored values to the accumulated constraint,
+    ``finalize`` returns what is finally written (a post-processing regulariser acts here), and
+    ``finish_batch`` records the batch's fact ids. ``forget`` removes earlier edits (conflicts, forgetting).
+    State tensors are replaced, never mutated in place, so a ``state_dict`` taken before a step is a valid
+    snapshot to roll back to."""
 
     def __init__(self) -> None:
         self.n_edits = 0
 
-    # -- interface -------------------------------------------------------------------------
     def setup(self, C0: dict[int, torch.Tensor]) -> None:
+        """Receives the uncentred key second moment C0 (§3) of every edited layer."""
         raise NotImplementedError
 
     def gate(self, layer: int, K: torch.Tensor) -> torch.Tensor:
-        """M (n×d_in) with Δ = R·M for any residual R (d_out×n)."""
+        """M (n×d_in): the R-dependent part of ``solve`` is R·M for any residual R (d_out×n)."""
         raise NotImplementedError
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         return R.double() @ self.gate(layer, K)
 
-    def commit(self, layer: int, K: torch.Tensor) -> None:
-        """Add this batch's keys (recomputed on the edited model) to the accumulated constraint."""
+    def commit(self, layer: int, K: torch.Tensor, V: torch.Tensor | None = None) -> None:
+        """Add this batch's keys K and the values V = W_before K + R they were fitted to."""
 
-    def finish_batch(self, n: int) -> None:
-        self.n_edits += n
+    def finalize(self, layer: int, delta: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """The update to write instead of the raw ``delta`` (W = the layer's weight before this batch)."""
+        return delta
+
+    def finish_batch(self, fact_ids: list[str]) -> None:
+        self.n_edits += len(fact_ids)
+
+    def knows(self, fact_id: str) -> bool:
+        """Whether an applied edit of this fact is in the solver's ledger (so it can be replaced or removed)."""
+        return False
+
+    def forget(self, fact_ids: list[str], W: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        raise ValueError(f"{type(self).__name__} keeps no ledger of applied edits and cannot remove or replace them; "
+                         f"use an aligned solver (mode: aligned, keep_ledger: true)")
 
     def describe(self) -> dict:
         return {}
 
     def state_dict(self) -> dict:
-        """Tensors are returned by reference; ``commit`` replaces them instead of mutating, so a state
-        taken before a step is a valid snapshot to roll back to."""
         return {"n_edits": self.n_edits}
 
     def load_state_dict(self, state: dict) -> None:
         self.n_edits = int(state["n_edits"])
 
 
-class MEMIT(Solver):
-    """MEMIT per-layer solve, §4. ``sequential=True`` (default, OTE-aligned "MEMIT_seq", §6.1):
-    Δ = R Kᵀ (λC0 + C_p + K Kᵀ)⁻¹ with C_p the Gram of all previously edited keys; the sum of the
-    sequential steps then equals the one-time solution (OTE–SE Prop. 3.2).
-    ``sequential=False``: the original, naive MEMIT (ablation: each step ignores earlier edits)."""
+class AlignedSolver(Solver):
+    """The OTE-aligned solver family (see the module docstring for the objective and the algebra).
 
-    def __init__(self, mom2_update_weight: float = 15000.0, sequential: bool = True) -> None:
-        super().__init__()
-        self.lam = float(mom2_update_weight)
-        self.sequential = sequential
-        self.C0: dict[int, torch.Tensor] = {}
-        self.Cp: dict[int, torch.Tensor] = {}
+    Args:
+        mom2_update_weight: λ, weight of the preservation term λ‖Δ K0‖².
+        L2: α, ridge ‖G‖² (AlphaEdit's L2; the error-corrected OTE variants use α = 1, §6.4 / §12.6).
+        projector: ``"identity"`` or ``"nullspace"`` (updates restricted to the span of U0, AlphaEdit).
+        nullspace_threshold: eigenvalues of C0 below it span the null space (absolute, §5).
+        mode: ``"aligned"`` (default): Σ steps = one-time solution. ``"naive"`` (ablation): every step is a
+            fresh one-time edit that ignores earlier edits (original MEMIT; AlphaEdit without C_p).
+            ``"memorize_latest"`` (§6.5): the objective keeps K0 and the newest batch only.
+        regularizer: ``None``, ``"prune"`` (§6.2) or ``"rect"`` (§6.3), applied to each step's Δ at write time.
+        rect_keep: RECT's k, the percent of entries kept (OTE files: 40, or 20 in the error-corrected one).
+        error_correction: feed the regulariser's error back (OTE–SE Algorithm 1, §6.4).
+        on_conflict: what an ``insert`` of an already edited fact does: ``"replace"`` (drop the old entry,
+            Prop. 3.5), ``"keep"`` (both entries stay and compete in the least squares) or ``"error"``.
+        keep_ledger: store every edit's per-layer keys and values (needed to remove or replace edits).
 
-    def setup(self, C0):
-        self.C0 = {l: c.double() for l, c in C0.items()}
-        self.Cp = {l: torch.zeros_like(c) for l, c in self.C0.items()} if self.sequential else {}
-
-    def constraint(self, layer: int) -> torch.Tensor:
-        """λC0 + C_p: the accumulated preservation system before this batch."""
-        A = self.lam * self.C0[layer]
-        return A + self.Cp[layer] if self.sequential else A
-
-    def gate(self, layer, K):
-        K = K.double().to(self.C0[layer].device)
-        A = self.constraint(layer) + K @ K.T
-        return spd_solve(A, K).T  # M = Kᵀ A⁻¹ (A symmetric)
-
-    def commit(self, layer, K):
-        if self.sequential:
-            K = K.double().to(self.Cp[layer].device)
-            self.Cp[layer] = self.Cp[layer] + K @ K.T  # not in place: a state_dict taken before stays valid
-
-    def state_dict(self):
-        return {**super().state_dict(), "Cp": {str(l): c for l, c in self.Cp.items()}}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        for l, c in state.get("Cp", {}).items():
-            self.Cp[int(l)] = c.to(self.Cp[int(l)].device, torch.float64).clone()
-
-
-class AlphaEdit(Solver):
-    """AlphaEdit, §5: Δ = R Kᵀ P ((C_p + K Kᵀ) P + α I)⁻¹ with P = U0 U0ᵀ the null-space projector of C0.
-
-    Worked in the basis U0 (d×r): with K̃ = U0ᵀK and C̃_p = U0ᵀ C_p U0 (r×r),
-        Δ = R K̃ᵀ (C̃_p + K̃ K̃ᵀ + α I)⁻¹ U0ᵀ,
-    which equals the dense formula exactly (the solution of (P B + αI)X = PK lies in range(U0)),
-    costs O(r³) instead of O(d³), and stores r×r instead of two d×d matrices.
-    ``L2`` is α (AE repo: 10; EasyEdit Llama/Qwen and the papers: 1 — §12.4).
+    Error correction (Algorithm 1). With E_{t−1} the fed-back error, the raw step is
+    Δ_t = (R_t K_tᵀ − E_{t−1}) A_t⁻¹, Φ(Δ_t) is written and E_t = (Φ(Δ_t) − Δ_t) A_t. Invariant: with W_t the
+    written weights and B_t as above,
+        (W_t − W_0) A_t = B_t + E_t,
+    so W_{t−1} + Δ_t (the raw step) is exactly the one-time solution W_0 + B_t A_t⁻¹ at every step and the
+    written weights differ from it by Φ(Δ_t) − Δ_t only, the current step's error, never an accumulation.
+    Proof: (W_{t−1} − W_0 + Δ_t) A_t = (B_{t−1} + E_{t−1}) + (W_{t−1} − W_0) K_tK_tᵀ + R_tK_tᵀ − E_{t−1} = B_t.
+    We store F = E A⁻¹ (d_out×d_in) instead of E, so that E_{t−1} A_t⁻¹ = F − (F K_t) M_t costs O(d_out d n),
+    not O(d_out d²); an insert maps F to F − (F K̃) M, a removal to F + (F K̃_O) K̃_Oᵀ A'⁻¹.
     """
 
-    def __init__(self, L2: float = 10.0, nullspace_threshold: float = 2e-2) -> None:
+    def __init__(self, mom2_update_weight: float = 3000.0, L2: float = 0.0, projector: str = "identity",
+                 nullspace_threshold: float = 2e-2, mode: str = "aligned", regularizer: str | None = None,
+                 rect_keep: float = 40.0, error_correction: bool = False, on_conflict: str = "replace",
+                 keep_ledger: bool = True) -> None:
         super().__init__()
+        if projector not in ("identity", "nullspace"):
+            raise ValueError(f"projector must be 'identity' or 'nullspace', got {projector!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+        if regularizer is not None and projector != "identity":
+            raise ValueError("PRUNE/RECT act on the full Δ and would leave the null space: use projector 'identity'")
+        if error_correction and (regularizer is None or mode != "aligned"):
+            raise ValueError("error_correction feeds back a regulariser's error: it needs a regularizer and mode 'aligned'")
+        if on_conflict not in ("replace", "keep", "error"):
+            raise ValueError(f"on_conflict must be 'replace', 'keep' or 'error', got {on_conflict!r}")
+        if not 0.0 < rect_keep <= 100.0:
+            raise ValueError(f"rect_keep is a percentage in (0, 100], got {rect_keep}")
+        self.lam = float(mom2_update_weight)
         self.alpha = float(L2)
+        self.projector = projector
         self.threshold = float(nullspace_threshold)
-        self.U: dict[int, torch.Tensor] = {}
-        self.Cp: dict[int, torch.Tensor] = {}
+        self.mode = mode
+        self.regularizer = regularizer
+        self.rect_keep = float(rect_keep)
+        self.error_correction = error_correction
+        self.on_conflict = on_conflict
+        self.keep_ledger = keep_ledger and mode == "aligned"
+        self.U: dict[int, torch.Tensor] = {}  # null-space bases (projector 'nullspace')
+        self.A0: dict[int, torch.Tensor] = {}  # λ PᵀC0P + α I in working coordinates (kept with a ledger)
+        self.Ainv: dict[int, torch.Tensor] = {}  # A⁻¹ in working coordinates
+        self.F: dict[int, torch.Tensor] = {}  # E A⁻¹, error correction
+        self.S: dict[int, torch.Tensor] = {}  # Σ Δ in working coordinates, memorize_latest
+        self.ledger_ids: list[str] = []
+        self.ledger_K: dict[int, torch.Tensor] = {}  # d_in × N stored keys
+        self.ledger_V: dict[int, torch.Tensor] = {}  # d_out × N stored values (W_before k + r)
+        self._cache: dict[int, tuple] = {}  # (K̃, X, Y) of the last solve, reused by commit when the keys agree
 
+    # -- set-up ----------------------------------------------------------------------------
     def setup(self, C0):
-        self.U = {}
+        self.U, self.A0, self.Ainv, self.F, self.S, self._cache = {}, {}, {}, {}, {}, {}
+        self.ledger_ids, self.ledger_K, self.ledger_V = [], {}, {}
         for l, c in C0.items():
-            U = nullspace_basis(c, self.threshold)
-            if U.shape[1] == 0:
-                smallest = torch.linalg.eigvalsh(c.double())[0].item()
-                raise ValueError(
-                    f"AlphaEdit: no eigenvalue of C0 at layer {l} is below nullspace_threshold={self.threshold:g} "
-                    f"(smallest is {smallest:.3g}); every update would be zero. Raise the threshold."
-                )
-            self.U[l] = U
-        self.Cp = {l: torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64, device=U.device) for l, U in self.U.items()}
+            c = c.double()
+            if self.projector == "nullspace":
+                U, evals = nullspace_basis(c, self.threshold)
+                if U.shape[1] == 0:
+                    smallest = torch.linalg.eigvalsh(c)[0].item()
+                    raise ValueError(
+                        f"{type(self).__name__}: no eigenvalue of C0 at layer {l} is below nullspace_threshold="
+                        f"{self.threshold:g} (smallest is {smallest:.3g}); every update would be zero. Raise the threshold.")
+                self.U[l] = U
+                A0 = torch.diag(self.lam * evals + self.alpha)  # PᵀC0P is diagonal in the eigenbasis
+            else:
+                A0 = self.lam * c + self.alpha * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+            self.Ainv[l] = spd_inverse(A0, f"A_0 = λ·C0 + α·I at layer {l}")
+            if self.keep_ledger:
+                self.A0[l] = A0  # rebuilding A⁻¹ after a removal
+            if self.keep_ledger:
+                self.ledger_K[l] = torch.zeros(c.shape[0], 0, dtype=torch.float64, device=c.device)
 
-    def _project(self, layer, K):
-        U = self.U[layer]
-        return U, U.T @ K.double().to(U.device)
+    def _work(self, layer: int, K: torch.Tensor) -> torch.Tensor:
+        """K̃ = PᵀK in float64."""
+        Ainv = self.Ainv[layer]
+        K = K.to(Ainv.device, torch.float64)
+        return self.U[layer].T @ K if layer in self.U else K
 
-    def _Y(self, layer, K):
-        U, Kt = self._project(layer, K)
-        A = self.Cp[layer] + Kt @ Kt.T + self.alpha * torch.eye(Kt.shape[0], dtype=Kt.dtype, device=Kt.device)
-        return U, spd_solve(A, Kt)  # r×n
+    def _full(self, layer: int, G: torch.Tensor) -> torch.Tensor:
+        """Δ = G Pᵀ."""
+        return G @ self.U[layer].T if layer in self.U else G
 
+    def _response(self, layer: int, K: torch.Tensor):
+        Kt = self._work(layer, K)
+        X, Y = woodbury_response(self.Ainv[layer], Kt)
+        self._cache[layer] = (Kt, X, Y)
+        return Kt, X, Y
+
+    # -- the step --------------------------------------------------------------------------
     def gate(self, layer, K):
-        U, Y = self._Y(layer, K)
-        return Y.T @ U.T
+        _, X, _ = self._response(layer, K)
+        return self._full(layer, X)  # M = K̃ᵀ A_t⁻¹ Pᵀ
 
     def solve(self, layer, K, R):
-        U, Y = self._Y(layer, K)
-        return (R.double().to(U.device) @ Y.T) @ U.T  # associate as (R Yᵀ) U0ᵀ: never forms n×d twice
+        Kt, X, _ = self._response(layer, K)
+        G = R.to(X.device, torch.float64) @ X
+        if layer in self.F:  # − E_{t−1} A_t⁻¹ = −(F − (F K̃) M)
+            F = self.F[layer]
+            G = G - F + (F @ Kt) @ X
+        if layer in self.S:  # §6.5: Δ_t = (R_t + S K_t) M − S
+            S = self.S[layer]
+            G = G + (S @ Kt) @ X - S
+        return self._full(layer, G)
 
-    def commit(self, layer, K):
-        _, Kt = self._project(layer, K)
-        self.Cp[layer] = self.Cp[layer] + Kt @ Kt.T  # not in place (see MEMIT.commit)
+    def commit(self, layer, K, V=None):
+        if self.mode != "aligned":
+            return  # the naive and memorize-latest objectives hold no earlier batches
+        Kt = self._work(layer, K)
+        cached = self._cache.get(layer)
+        if cached is not None and cached[0].shape == Kt.shape and torch.equal(cached[0], Kt):
+            _, X, Y = cached
+        else:
+            X, Y = woodbury_response(self.Ainv[layer], Kt)
+        self.Ainv[layer] = woodbury_update(self.Ainv[layer], X, Y)
+        if layer in self.F:
+            self.F[layer] = self.F[layer] - (self.F[layer] @ Kt) @ X
+        if self.keep_ledger:
+            if V is None:
+                raise ValueError("commit needs the stored values V to keep the ledger")
+            self.ledger_K[layer] = torch.cat([self.ledger_K[layer], K.to(Kt.device, torch.float64)], 1)
+            V = V.to(Kt.device, torch.float64)
+            old = self.ledger_V.get(layer, torch.zeros(V.shape[0], 0, dtype=torch.float64, device=V.device))
+            self.ledger_V[layer] = torch.cat([old, V], 1)
+        self._cache.pop(layer, None)
 
+    def finalize(self, layer, delta, W):
+        applied = delta
+        if self.regularizer == "prune":
+            applied = prune(delta, W)
+        elif self.regularizer == "rect":
+            applied = rect(delta, W, self.rect_keep)
+        if self.error_correction:
+            self.F[layer] = (applied - delta).double()  # E_t A_t⁻¹ = Φ(Δ_t) − Δ_t (overwritten, not accumulated)
+        if self.mode == "memorize_latest":
+            G = applied.double() @ self.U[layer] if layer in self.U else applied.double()
+            self.S[layer] = self.S[layer] + G if layer in self.S else G
+        return applied
+
+    def finish_batch(self, fact_ids):
+        super().finish_batch(fact_ids)
+        if self.keep_ledger:
+            self.ledger_ids = self.ledger_ids + list(fact_ids)
+
+    # -- conflicts and forgetting (Prop. 3.5, §6.6) -----------------------------------------
+    def knows(self, fact_id):
+        return fact_id in self.ledger_ids
+
+    def forget(self, fact_ids, W):
+        """Remove the ledger entries of ``fact_ids`` from every layer (Prop. 3.5 with no new entries): with the
+        stored keys K_O and the OLD stored values V_O (§12.8), A' = A − K̃_O K̃_Oᵀ and
+        Δ = −(V_O − W K_O) K̃_Oᵀ A'⁻¹. For fixed keys this lands exactly on the least-squares solution of the
+        remaining edits. A'⁻¹ is rebuilt densely from A_0 and the remaining keys (see the module docstring)."""
+        if not self.keep_ledger:
+            return super().forget(fact_ids, W)
+        missing = [f for f in fact_ids if f not in self.ledger_ids]
+        if missing:
+            raise KeyError(f"no applied edit of fact(s) {missing} in the ledger")
+        gone = set(fact_ids)
+        drop = [i for i, f in enumerate(self.ledger_ids) if f in gone]
+        keep = [i for i, f in enumerate(self.ledger_ids) if f not in gone]
+        deltas = {}
+        for l in self.Ainv:
+            K_O, V_O = self.ledger_K[l][:, drop], self.ledger_V[l][:, drop]
+            K_keep = self._work(l, self.ledger_K[l][:, keep])
+            self.Ainv[l] = spd_inverse(self.A0[l] + K_keep @ K_keep.T, f"the remaining constraint at layer {l}")
+            Kt = self._work(l, K_O)
+            X = Kt.T @ self.Ainv[l]  # K̃_Oᵀ A'⁻¹
+            R_O = V_O - W[l].to(K_O.device, torch.float64) @ K_O
+            deltas[l] = self._full(l, -R_O @ X)
+            if l in self.F:  # F = E A⁻¹ → E A'⁻¹ = F + (F K̃_O) K̃_Oᵀ A'⁻¹ (E itself is unchanged by a removal)
+                self.F[l] = self.F[l] + (self.F[l] @ Kt) @ X
+            self.ledger_K[l], self.ledger_V[l] = self.ledger_K[l][:, keep], self.ledger_V[l][:, keep]
+        self.ledger_ids = [self.ledger_ids[i] for i in keep]
+        self.n_edits -= len(drop)
+        return deltas
+
+    # -- state -----------------------------------------------------------------------------
     def describe(self):
-        return {f"nullspace_rank/layer_{l}": U.shape[1] for l, U in self.U.items()}
+        out = {f"nullspace_rank/layer_{l}": U.shape[1] for l, U in self.U.items()}
+        if self.keep_ledger:
+            out["ledger_entries"] = len(self.ledger_ids)
+        return out
 
     def state_dict(self):
-        return {**super().state_dict(), "Cp": {str(l): c for l, c in self.Cp.items()},
-                "rank": {str(l): U.shape[1] for l, U in self.U.items()}}
+        state = {**super().state_dict(), "rank": {str(l): U.shape[1] for l, U in self.U.items()},
+                 "F": {str(l): f for l, f in self.F.items()}, "S": {str(l): s for l, s in self.S.items()}}
+        if self.mode == "aligned":  # the naive / memorize-latest A⁻¹ never changes: rebuilt by setup
+            state["Ainv"] = {str(l): a for l, a in self.Ainv.items()}
+        if self.keep_ledger:
+            state["ledger"] = {"ids": list(self.ledger_ids), "K": {str(l): k for l, k in self.ledger_K.items()},
+                               "V": {str(l): v for l, v in self.ledger_V.items()}}
+        return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        for l, c in state.get("Cp", {}).items():
-            if c.shape != self.Cp[int(l)].shape:
-                raise ValueError(f"AlphaEdit state for layer {l} has null-space rank {c.shape[0]}, this run has "
-                                 f"{self.Cp[int(l)].shape[0]}: C0 or nullspace_threshold changed since the checkpoint")
-            self.Cp[int(l)] = c.to(self.Cp[int(l)].device, torch.float64).clone()
+        for l, r in state.get("rank", {}).items():
+            if int(l) in self.U and self.U[int(l)].shape[1] != r:
+                raise ValueError(f"solver state for layer {l} has null-space rank {r}, this run has "
+                                 f"{self.U[int(l)].shape[1]}: C0 or nullspace_threshold changed since the checkpoint")
+        dev = lambda l: self.Ainv[int(l)].device  # noqa: E731
+        for l, a in state.get("Ainv", {}).items():
+            if a.shape != self.Ainv[int(l)].shape:
+                raise ValueError(f"solver state for layer {l} has shape {tuple(a.shape)}, this run "
+                                 f"{tuple(self.Ainv[int(l)].shape)}: the model or solver configuration changed")
+            self.Ainv[int(l)] = a.to(dev(l), torch.float64).clone()
+        self.F = {int(l): f.to(dev(l), torch.float64).clone() for l, f in state.get("F", {}).items()}
+        self.S = {int(l): s.to(dev(l), torch.float64).clone() for l, s in state.get("S", {}).items()}
+        ledger = state.get("ledger")
+        if ledger is not None:
+            self.ledger_ids = list(ledger["ids"])
+            self.ledger_K = {int(l): k.to(dev(l), torch.float64).clone() for l, k in ledger["K"].items()}
+            self.ledger_V = {int(l): v.to(dev(l), torch.float64).clone() for l, v in ledger["V"].items()}
+        self._cache = {}
+
+
+class MEMIT(AlignedSolver):
+    """MEMIT, §4. ``mode="aligned"`` (default, OTE "MEMIT_seq", Remark A.1): Δ = R Kᵀ (λC0 + C_p + K Kᵀ)⁻¹ with
+    C_p the Gram of all previously edited keys. ``mode="naive"``: the original MEMIT, Δ = R Kᵀ (λC0 + K Kᵀ)⁻¹.
+    With ``regularizer`` (and ``error_correction``) it is the OTE repo's MEMIT_seq_prune / _rect (/ _err)."""
+
+    def __init__(self, mom2_update_weight: float = 15000.0, mode: str = "aligned", L2: float = 0.0,
+                 regularizer: str | None = None, rect_keep: float = 40.0, error_correction: bool = False,
+                 on_conflict: str = "replace", keep_ledger: bool = True) -> None:
+        super().__init__(mom2_update_weight=mom2_update_weight, L2=L2, projector="identity", mode=mode,
+                         regularizer=regularizer, rect_keep=rect_keep, error_correction=error_correction,
+                         on_conflict=on_conflict, keep_ledger=keep_ledger)
+
+
+class AlphaEdit(AlignedSolver):
+    """AlphaEdit, §5: Δ = R Kᵀ P ((C_p + K Kᵀ) P + α I)⁻¹ with P = U0 U0ᵀ the null-space projector of C0.
+
+    Worked in the basis U0 (d×r): Δ = R K̃ᵀ (C̃_p + K̃ K̃ᵀ + α I)⁻¹ U0ᵀ, which equals the dense formula exactly
+    (the solution of (P B + αI)X = PK lies in range(U0)) and costs O(r²n) per step with the incremental inverse.
+    ``L2`` is α (AE repo: 10; EasyEdit Llama/Qwen and the papers: 1, §12.4). ``mode="naive"`` drops C_p
+    (the OTE–SE paper's collapsing null-space baseline)."""
+
+    def __init__(self, L2: float = 10.0, nullspace_threshold: float = 2e-2, mode: str = "aligned",
+                 mom2_update_weight: float = 0.0, on_conflict: str = "replace", keep_ledger: bool = True) -> None:
+        super().__init__(mom2_update_weight=mom2_update_weight, L2=L2, projector="nullspace",
+                         nullspace_threshold=nullspace_threshold, mode=mode, on_conflict=on_conflict,
+                         keep_ledger=keep_ledger)

@@ -96,7 +96,7 @@ def test_failed_step_is_rolled_back_and_names_the_requests(tiny_world, tmp_path)
     class Snap(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             snapshot["w"] = edited_weights(pl_module)
-            snapshot["cp"] = {k: v.clone() for k, v in pl_module.solver.state_dict()["Cp"].items()}
+            snapshot["ainv"] = {k: v.clone() for k, v in pl_module.solver.state_dict()["Ainv"].items()}
 
     trainer.callbacks.append(Snap())
     with pytest.raises(EditStepError) as err:
@@ -105,8 +105,8 @@ def test_failed_step_is_rolled_back_and_names_the_requests(tiny_world, tmp_path)
         assert repr(r.case_id) in str(err.value)
     for l, w in snapshot["w"].items():
         assert torch.equal(get_weight(module.llm, module.layout, l), w)
-    for k, v in module.solver.state_dict()["Cp"].items():
-        assert torch.equal(v, snapshot["cp"][k])
+    for k, v in module.solver.state_dict()["Ainv"].items():
+        assert torch.equal(v, snapshot["ainv"][k])
     assert dm.consumed == 1
 
 
@@ -151,3 +151,65 @@ def test_retention_curve_is_logged_once_per_interval(fitted):
     steps = [e.step for e in ea.Scalars("edited/efficacy")]
     assert steps == [2, 4]  # 4 steps, eval_every_n_steps=2
     assert ea.Scalars("edited/efficacy")[-1].value == pytest.approx(module.final_scores["efficacy"])
+
+
+def stream_with_removals(tmp_path):
+    """CounterFact-format file: 12 world edits, then a batch that removes two of them and replaces a third."""
+    from lit_edit.world import build_world
+
+    recs = build_world("tiny").counterfact_records()[:12]
+    extra = []
+    for i in (0, 1):
+        extra.append({**recs[i], "case_id": f"rm{i}", "op": "remove"})
+    r2 = recs[2]["requested_rewrite"]
+    used = {r2["target_true"]["str"], r2["target_new"]["str"]}
+    other = next(r["requested_rewrite"]["target_new"] for r in build_world("tiny").counterfact_records()
+                 if r["requested_rewrite"]["relation_id"] == r2["relation_id"]
+                 and r["requested_rewrite"]["target_new"]["str"] not in used)
+    extra.append({**recs[2], "case_id": "re2", "op": "replace", "requested_rewrite": {**r2, "target_new": other}})
+    path = tmp_path / "stream.json"
+    path.write_text(json.dumps(recs + extra))
+    return str(path), recs
+
+
+def test_remove_and_replace_work_after_a_resume(tiny_world, tmp_path):
+    """The ledger (per-layer keys and stored values) is in the checkpoint: a removal after resuming equals the
+    uninterrupted run, the edits leave the live set, and the ledger file records every operation."""
+    path, recs = stream_with_removals(tmp_path)
+
+    def dm():
+        return EditDataModule(dataset="counterfact", path=path, batch_size=6)
+
+    a = make_module(eval_pre=False)
+    trainer_a = make_trainer(tmp_path / "a")
+    trainer_a.fit(a, dm())
+    removed = {recs[0]["case_id"], recs[1]["case_id"], recs[2]["case_id"]}
+    assert a.solver.n_edits == 10 and len(a.solver.ledger_ids) == 10
+    assert not removed & set(a.edited_ids) and "re2" in a.edited_ids and len(a.edited_ids) == 10
+    lines = [json.loads(x) for x in (__import__("pathlib").Path(trainer_a.log_dir) / "edits.jsonl").read_text().splitlines()]
+    ops = {x["case_id"]: x["operation"] for x in lines}
+    assert ops["rm0"] == ops["rm1"] == "remove" and ops["re2"] == "replace"
+    assert all(v > 0 for v in next(x for x in lines if x["case_id"] == "rm0")["forget_norm"].values())
+    metrics = json.loads((__import__("pathlib").Path(trainer_a.log_dir) / "metrics.json").read_text())
+    assert metrics["n_edits"] == 10
+
+    b = make_module(eval_pre=False)
+    make_trainer(tmp_path / "b", max_steps=2).fit(b, dm())
+    c = make_module(eval_pre=False)
+    make_trainer(tmp_path / "c").fit(c, dm(), ckpt_path=str(tmp_path / "b" / "ckpt" / "step=2.ckpt"))
+    assert c.edited_ids == a.edited_ids and c.solver.ledger_ids == a.solver.ledger_ids
+    for l, w in edited_weights(a).items():
+        torch.testing.assert_close(get_weight(c.llm, c.layout, l), w, rtol=0, atol=1e-6)
+
+
+def test_removing_an_unknown_fact_is_refused_before_any_edit(tiny_world, tmp_path):
+    from lit_edit.world import build_world
+
+    rec = build_world("tiny").counterfact_records()[0]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{**rec, "op": "remove"}]))
+    module = make_module(eval_pre=False)
+    with pytest.raises(EditRequestError) as err:
+        make_trainer(tmp_path, ckpt=False).fit(module, EditDataModule(dataset="counterfact", path=str(path), batch_size=1))
+    assert repr(rec["case_id"]) in str(err.value) and "'op'" in str(err.value)
+    assert module.solver.n_edits == 0
