@@ -13,9 +13,9 @@ measured on the current weights, so the sum of the steps is the one-time solutio
 (Remark A.1) is P = I, α = 0; AlphaEdit is P = U0, λ = 0, α = L2.
 
 Fast, exact algebra: we keep Ainv = A⁻¹ (d×d, or r×r in the null-space basis) in float64 and change
-it by the step's rank-n term with Woodbury: with Y = K̃ᵀ A⁻¹ and X = (I + K̃ᵀ A⁻¹ K̃)⁻¹ Y (an n×n solve),
+it by the step's rank-n term with Woodbury: with Y = K̃ᵀ A⁻¹ and L Lᵀ = I + K̃ᵀ A⁻¹ K̃ (n×n), Z = L⁻¹ Y,
 
-    M = K̃ᵀ A_t⁻¹ = X,        A_t⁻¹ = A⁻¹ − Yᵀ X,
+    M = K̃ᵀ A_t⁻¹ = L⁻ᵀ Z,        A_t⁻¹ = A⁻¹ − Zᵀ Z,
 
 i.e. O(d²n) per step instead of the O(d³) dense re-solve. Removing edits (rare) rebuilds A⁻¹ from
 A_0 and the ledger's remaining keys instead of a Woodbury downdate: a downdate forms I − K̃ᵀA⁻¹K̃,
@@ -66,17 +66,17 @@ def nullspace_basis(C0: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
 
 
 def woodbury_response(Ainv: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For A' = A + K Kᵀ: X = (I + Kᵀ A⁻¹ K)⁻¹ Kᵀ A⁻¹ = Kᵀ A'⁻¹ (n×d, an SPD n×n solve) and Y = Kᵀ A⁻¹,
-    so that A'⁻¹ = A⁻¹ − Yᵀ X (Woodbury)."""
+    """For A' = A + K Kᵀ: the gate X = Kᵀ A'⁻¹ = (I + Kᵀ A⁻¹ K)⁻¹ Kᵀ A⁻¹ (n×d) and Z = L⁻¹ Kᵀ A⁻¹ with
+    L Lᵀ = I + Kᵀ A⁻¹ K (an n×n Cholesky), so that A'⁻¹ = A⁻¹ − Zᵀ Z (Woodbury, symmetric by construction)."""
     Y = K.T @ Ainv
-    eye = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
-    return spd_solve(eye + Y @ K, Y), Y
+    Lc = torch.linalg.cholesky(torch.eye(K.shape[1], dtype=K.dtype, device=K.device) + Y @ K)
+    Z = torch.linalg.solve_triangular(Lc, Y, upper=False)
+    return torch.linalg.solve_triangular(Lc.T, Z, upper=True), Z
 
 
-def woodbury_update(Ainv: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """A'⁻¹ = A⁻¹ − Yᵀ X, symmetrised (a new tensor: snapshots of the old one stay valid)."""
-    out = torch.addmm(Ainv, Y.T, X, alpha=-1.0)
-    return 0.5 * (out + out.T)
+def woodbury_update(Ainv: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """A'⁻¹ = A⁻¹ − Zᵀ Z (a new tensor: snapshots of the old one stay valid)."""
+    return torch.addmm(Ainv, Z.T, Z, alpha=-1.0)
 
 
 def prune(delta: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -229,7 +229,7 @@ class AlignedSolver(Solver):
         self.ledger_ids: list[str] = []
         self.ledger_K: dict[int, torch.Tensor] = {}  # d_in × N stored keys
         self.ledger_V: dict[int, torch.Tensor] = {}  # d_out × N stored values (W_before k + r)
-        self._cache: dict[int, tuple] = {}  # (K̃, X, Y) of the last solve, reused by commit when the keys agree
+        self._cache: dict[int, tuple] = {}  # (K̃, X, Z) of the last solve, reused by commit when the keys agree
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self, C0):
@@ -266,9 +266,9 @@ class AlignedSolver(Solver):
 
     def _response(self, layer: int, K: torch.Tensor):
         Kt = self._work(layer, K)
-        X, Y = woodbury_response(self.Ainv[layer], Kt)
-        self._cache[layer] = (Kt, X, Y)
-        return Kt, X, Y
+        X, Z = woodbury_response(self.Ainv[layer], Kt)
+        self._cache[layer] = (Kt, X, Z)
+        return Kt, X, Z
 
     # -- the step --------------------------------------------------------------------------
     def gate(self, layer, K):
@@ -292,10 +292,10 @@ class AlignedSolver(Solver):
         Kt = self._work(layer, K)
         cached = self._cache.get(layer)
         if cached is not None and cached[0].shape == Kt.shape and torch.equal(cached[0], Kt):
-            _, X, Y = cached
+            _, X, Z = cached
         else:
-            X, Y = woodbury_response(self.Ainv[layer], Kt)
-        self.Ainv[layer] = woodbury_update(self.Ainv[layer], X, Y)
+            X, Z = woodbury_response(self.Ainv[layer], Kt)
+        self.Ainv[layer] = woodbury_update(self.Ainv[layer], Z)
         if layer in self.F:
             self.F[layer] = self.F[layer] - (self.F[layer] @ Kt) @ X
         if self.keep_ledger:

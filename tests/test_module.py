@@ -11,7 +11,7 @@ from lit_edit.editing import EditStepError, apply_batch, compute_block_states, c
 from lit_edit.layouts import get_weight
 from lit_edit.module import EditModule
 from lit_edit.requests import EditRequestError
-from lit_edit.solvers import MEMIT, AlphaEdit
+from lit_edit.solvers import MEMIT, AlignedSolver, AlphaEdit
 from lit_edit.stats import StatsConfig
 from lit_edit.targets import TargetConfig
 
@@ -110,7 +110,11 @@ def test_failed_step_is_rolled_back_and_names_the_requests(tiny_world, tmp_path)
     assert dm.consumed == 1
 
 
-@pytest.mark.parametrize("solver", [MEMIT(mom2_update_weight=50.0), AlphaEdit(L2=10.0, nullspace_threshold=2e-2)])
+@pytest.mark.parametrize("solver", [MEMIT(mom2_update_weight=50.0), AlphaEdit(L2=10.0, nullspace_threshold=2e-2),
+                                    AlignedSolver(mom2_update_weight=50.0, L2=1.0, projector="nullspace",
+                                                  nullspace_threshold=2e-2),
+                                    MEMIT(mom2_update_weight=50.0, mode="memorize_latest")],
+                         ids=["memit", "alphaedit", "aligned_projected", "memorize_latest"])
 def test_gate_equals_the_update_written_into_the_model(tiny_world, solver):
     """Single edited layer: for a random residual R, the weight change of the model is exactly R·gate(K)."""
     module = make_module(solver=solver, eval_pre=False)

@@ -319,9 +319,9 @@ def test_woodbury_update_equals_the_dense_inverse():
     K0 = rand(D_IN, 40, seed=1)
     A = K0 @ K0.T + 0.5 * torch.eye(D_IN, dtype=F64)
     K = rand(D_IN, 5, seed=2)
-    X, Y = woodbury_response(torch.linalg.inv(A), K)
+    X, Z = woodbury_response(torch.linalg.inv(A), K)
     A_new = A + K @ K.T
-    torch.testing.assert_close(woodbury_update(torch.linalg.inv(A), X, Y), torch.linalg.inv(A_new), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(woodbury_update(torch.linalg.inv(A), Z), torch.linalg.inv(A_new), rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(X, K.T @ torch.linalg.inv(A_new), rtol=1e-9, atol=1e-11)
 
 
