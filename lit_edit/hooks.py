@@ -42,3 +42,11 @@ def rewrite_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
     """Replace the module's hidden output ``h`` by ``fn(h)`` (e.g. add δ at the fact token)."""
     with _hooked([module.register_forward_hook(lambda _m, _a, out: replace_block_hidden(out, fn(block_hidden(out))))]):
         yield
+
+
+@contextmanager
+def add_to_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Output ``y`` of a linear module becomes ``y + fn(x)`` for its input ``x`` (a virtual weight update
+    Δ with fn(x) = x Δᵀ, without touching or copying the weight)."""
+    with _hooked([module.register_forward_hook(lambda _m, args, out: out + fn(args[0]).to(out.dtype))]):
+        yield

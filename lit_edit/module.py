@@ -15,8 +15,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_edit.editing import StepStats, apply_batch
+from lit_edit.editing import StepStats, apply_batch, compute_block_states
 from lit_edit.layouts import get_layout, get_weight
+from lit_edit.metake import MetaKEConfig, Refinement, refine_targets
 from lit_edit.metrics import KEYS, make_metrics, record_scores, update_metrics
 from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.solvers import AlphaEdit, Solver
@@ -33,6 +34,7 @@ class EditPlan:
     Z: torch.Tensor  # [n_writes, d], one row per request that is not a removal
     targets: TargetResult | None  # None when the batch only removes edits
     started: float = field(default_factory=time.perf_counter)
+    refinement: Refinement | None = None  # MetaKE's refinement of the targets, when configured
 
 
 def load_model(name_or_path: str, dtype: str = "float32"):
@@ -81,6 +83,7 @@ class EditModule(L.LightningModule):
         layers: edited layers; targets are optimised at the last one (L = max(layers)).
         solver: the downstream closed-form solver (MEMIT, AlphaEdit, ...); default AlphaEdit.
         targets: §2 hyper-parameters of the v* optimisation.
+        metake: MetaKE bi-level refinement of the targets through the solver's gate (§7); None = off.
         stats: corpus for the key second moment C0 (§3).
         layout: architecture layout override (see ``lit_edit.layouts``) for models not in the registry.
         context_templates: [[length, count], ...] of generated context prefixes (§1.4); [] = bare prompts only.
@@ -90,19 +93,22 @@ class EditModule(L.LightningModule):
     """
 
     def __init__(self, model: str = "world", layers: list[int] = [1, 2], solver: Solver | None = None,
-                 targets: TargetConfig = TargetConfig(), stats: StatsConfig = StatsConfig(),
+                 targets: TargetConfig = TargetConfig(), metake: MetaKEConfig | None = None,
+                 stats: StatsConfig = StatsConfig(),
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
                  export_dir: str | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["solver", "targets", "stats"])
+        self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake"])
         self.model_name = model
         self.layers = sorted(layers)
         self.solver = solver if solver is not None else AlphaEdit()
         self.target_cfg = targets if isinstance(targets, TargetConfig) else TargetConfig(**targets)
         self.stats_cfg = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
+        self.metake_cfg = metake if isinstance(metake, MetaKEConfig) or metake is None else MetaKEConfig(**metake)
         # plain dicts only, so checkpoints load with torch.load(weights_only=True)
-        self.hparams.update(targets=asdict(self.target_cfg), stats=asdict(self.stats_cfg), solver=type(self.solver).__name__)
+        self.hparams.update(targets=asdict(self.target_cfg), stats=asdict(self.stats_cfg), solver=type(self.solver).__name__,
+                            metake=asdict(self.metake_cfg) if self.metake_cfg else None)
         self.layout_override = layout
         self.dtype_name = dtype
         self.context_spec = context_templates
@@ -178,7 +184,37 @@ class EditModule(L.LightningModule):
         # step() must be called inside training_step (ModelCheckpoint/max_steps read global_step).
         self.optimizers().step()
         Z = res.v_star if res is not None else torch.zeros(0, self.llm.config.hidden_size, device=self.device)
-        return {"plan": EditPlan(batch, Z, res, started)}
+        ref = None
+        if res is not None and self.metake_cfg is not None:
+            with torch.enable_grad():
+                ref = refine_targets(self.llm, self.tok, self.layout, self.solver, self.layers, writes, self.context,
+                                     res.v_star, self.target_cfg, self.metake_cfg)
+            Z = ref.V.to(Z.dtype)
+            self.log_dict({"metake/loss_start": ref.history[0], "metake/loss_end": ref.history[-1],
+                           "metake/nll_end": ref.nll.mean(), "metake/beta_mean": ref.beta.mean(),
+                           "metake/rho_mean": ref.rho.mean(),
+                           "metake/target_shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).mean()},
+                          batch_size=len(writes))
+            self._histograms({"metake/beta": ref.beta, "metake/rho": ref.rho})
+        return {"plan": EditPlan(batch, Z, res, started, ref)}
+
+    def _histograms(self, values: dict[str, torch.Tensor]) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is not None and hasattr(exp, "add_histogram") and self.trainer.is_global_zero:
+            for k, v in values.items():
+                exp.add_histogram(k, v.detach().float().cpu(), self.global_step)
+
+    def log_realisation(self, plan: EditPlan) -> None:
+        """Empirical realisation β̂_i = ⟨h_L^post − h_L^pre, r_i⟩ / ‖r_i‖² with r = V − h_L^pre, end to end at the
+        last edited layer (ALGORITHMS.md §7.5), next to the predicted β."""
+        ref = plan.refinement
+        writes = [r for r in plan.requests if r.op != "remove"]
+        post = compute_block_states(self.llm, self.tok, self.layout, self.layers[-1], writes,
+                                    self.target_cfg.fact_token, self.target_cfg.legacy_bos_shift).to(ref.H)
+        r = plan.Z.to(ref.H) - ref.H
+        beta_hat = ((post - ref.H) * r).sum(-1) / (r.pow(2).sum(-1) + 1e-12)
+        self.log("metake/beta_hat_mean", beta_hat.mean(), batch_size=len(writes))
+        self._histograms({"metake/beta_hat": beta_hat})
 
     def on_edit_applied(self, plan: EditPlan, stats: StepStats) -> None:
         """Called by ClosedFormEdit after a successful write: ledger, logs, retention evaluation."""
@@ -197,6 +233,8 @@ class EditModule(L.LightningModule):
                 self.log(f"update/{name}/layer_{l}", v, batch_size=n)
         for k, v in self.solver.describe().items():
             self.log(f"solver/{k}", float(v), batch_size=n)
+        if writes and plan.refinement is not None:
+            self.log_realisation(plan)
         if writes:
             self.batch_metrics.reset()
             update_metrics(self.batch_metrics, record_scores(self.llm, self.tok, writes))

@@ -94,9 +94,11 @@ class TargetResult:
     history: list[float]  # mean loss of the active requests per iteration
 
 
-def _request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, delta: torch.Tensor,
-                    kl_ref: torch.Tensor, h_init: torch.Tensor, cfg: TargetConfig, record: dict | None):
-    """Per-request NLL and KL for the given rows (one forward). ``record`` collects h_init / the KL reference."""
+def request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, delta: torch.Tensor,
+                   kl_ref: torch.Tensor | None, cfg: TargetConfig, record: dict | None):
+    """Per-request NLL (token-averaged over the rewriting prompts) and KL on the KL prompt at its fact token,
+    for the given rows (one forward), with δ added to ``layer_module``'s output at each row's fact token.
+    ``record`` (first pass) collects h_init and the KL reference. Shared by v* and MetaKE's meta-loss."""
     width = int(batch.mask[rows].sum(1).max())
     ids, mask = batch.ids[rows, :width], batch.mask[rows, :width]
     req, lookup, kind = batch.req[rows], batch.lookup[rows], batch.kind[rows]
@@ -163,7 +165,7 @@ def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetC
             reqs = act_idx[c0 : c0 + chunk]
             rows = torch.isin(batch.req, reqs).nonzero()[:, 0]
             record = {} if it == 0 else None
-            nll, kl = _request_losses(model, block, batch, rows, delta, kl_ref, h_init, cfg, record)
+            nll, kl = request_losses(model, block, batch, rows, delta, kl_ref, cfg, record)
             if record is not None:
                 r_idx, h = record["h_init"]
                 h_init[r_idx.to(dev)] = h
@@ -219,13 +221,13 @@ def compute_targets_reference(model, tok, layout, layer, requests, context_templ
         delta = torch.zeros(1, hidden_size(model), device=dev, dtype=opt_dtype(model), requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         rec: dict = {}
-        nll, _ = _request_losses(model, block, b, rows, delta, None, None, cfg, rec)
+        nll, _ = request_losses(model, block, b, rows, delta, None, cfg, rec)
         h_init = torch.zeros_like(delta).detach()
         h_init[rec["h_init"][0]] = rec["h_init"][1]
         kl_ref = rec["kl_ref"][1]
         for it in range(cfg.v_num_grad_steps):
             if it > 0:
-                nll, kl = _request_losses(model, block, b, rows, delta, kl_ref, h_init, cfg, None)
+                nll, kl = request_losses(model, block, b, rows, delta, kl_ref, cfg, None)
             else:
                 kl = torch.zeros_like(nll)
             loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h_init.norm() ** 2

@@ -10,6 +10,7 @@ from lit_edit.solvers import AlignedSolver
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(ROOT.rglob("*.yaml"))
+OTE_WORLD = ("memit_naive", "alphaedit_naive", "prune", "prune_no_err", "rect", "rect_no_err", "memorize_latest")
 
 
 def cli_for(path):
@@ -24,8 +25,10 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
     cli = cli_for(path)
     assert isinstance(cli.model.solver, AlignedSolver)
     assert cli.model.llm is None  # weights load only in configure_model, at fit time
-    if path.parent.name == "world" and path.stem not in ("memit", "alphaedit"):
+    if path.parent.name == "world" and path.stem in OTE_WORLD:
         assert cli.datamodule.limit == 1000 and cli.datamodule.batch_size == 50  # the OTE-SE protocol
+    if "metake" in path.stem:
+        assert cli.model.metake_cfg is not None and cli.model.metake_cfg.T == 15
 
 
 def test_ote_configs_select_the_variants_they_name(tmp_path, monkeypatch):
