@@ -27,22 +27,24 @@ class EditStepError(RuntimeError):
     """A step that could not be applied; the model and solver state were restored."""
 
 
-def _forward_positions(model, tok, seqs, index, capture, chunk: int = 64):
-    """Run ``seqs`` in chunks; return {key: [len(seqs), dim]} of captured tensors at ``index`` per sequence."""
+def _forward_positions(model, tok, seqs, index, capture, chunk: int = 64, grad: bool = False):
+    """Run ``seqs`` in chunks; return {key: [len(seqs), dim]} of captured tensors at ``index`` per sequence.
+    ``grad=True`` keeps the graph (MetaKE's proxy-fidelity diagnostic differentiates through keys and states)."""
     dev = next(model.parameters()).device
     out: dict = {}
     for c in range(0, len(seqs), chunk):
         ids, mask = pad_batch(seqs[c : c + chunk], pad_id(tok))
         idx = torch.tensor(index[c : c + chunk])
-        with capture() as store, torch.no_grad():
+        with capture() as store, torch.set_grad_enabled(grad):
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
         for k, v in store.items():
-            out.setdefault(k, []).append(v[0][torch.arange(len(idx)), idx.to(v[0].device)].float())
+            h = v[0][torch.arange(len(idx)), idx.to(v[0].device)]
+            out.setdefault(k, []).append(h if h.dtype == torch.float64 else h.float())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 def compute_keys(model, tok, layout, layers: list[int], requests: list[EditRequest], context_templates: list[str],
-                 fact_token: str = "subject_last", legacy_bos_shift: bool = False) -> dict[int, torch.Tensor]:
+                 fact_token: str = "subject_last", legacy_bos_shift: bool = False, grad: bool = False) -> dict[int, torch.Tensor]:
     """Template-averaged keys (§3): K_l (d_in × n) per layer — the input of the edited matrix at the fact token,
     averaged inside the group {bare prompt} and inside the group {generated contexts}, then over the two groups."""
     seqs, index = [], []
@@ -51,7 +53,7 @@ def compute_keys(model, tok, layout, layers: list[int], requests: list[EditReque
             e = encode_prompt(tok, fill_context(ctx, r.prompt), r.subject, fact_token, legacy_bos_shift)
             seqs.append(e.ids), index.append(e.index)
     mods = {l: edited_module(model, layout, l) for l in layers}
-    got = _forward_positions(model, tok, seqs, index, lambda: capture_inputs(mods))
+    got = _forward_positions(model, tok, seqs, index, lambda: capture_inputs(mods), grad=grad)
     n, c = len(requests), len(context_templates)
     keys = {}
     for l in layers:
@@ -62,11 +64,12 @@ def compute_keys(model, tok, layout, layers: list[int], requests: list[EditReque
 
 
 def compute_block_states(model, tok, layout, layer: int, requests: list[EditRequest], fact_token: str = "subject_last",
-                         legacy_bos_shift: bool = False) -> torch.Tensor:
+                         legacy_bos_shift: bool = False, grad: bool = False) -> torch.Tensor:
     """H_L (n × d): block-``layer`` output at the fact token of the bare (context-free) prompts."""
     enc = [encode_prompt(tok, r.prompt, r.subject, fact_token, legacy_bos_shift) for r in requests]
     blocks = {layer: block_module(model, layout, layer)}
-    got = _forward_positions(model, tok, [e.ids for e in enc], [e.index for e in enc], lambda: capture_outputs(blocks))
+    got = _forward_positions(model, tok, [e.ids for e in enc], [e.index for e in enc], lambda: capture_outputs(blocks),
+                             grad=grad)
     return got[layer]
 
 

@@ -21,6 +21,7 @@ the predicted realisation β and S = T (I − T)⁻¹ the association matrix, ρ
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,6 +52,7 @@ class MetaKEConfig:
     w_anchor: float = 1.0
     loc_prompt: str = "{} is a"
     kl_direction: str = "ref_current"  # KL(P_pre ‖ P_post) as the paper (MEMIT's v* code uses the other one)
+    proxy_fidelity: bool = False  # App. C.5 diagnostic: cos(g_proxy, g_true) through the full multi-layer solve
 
     def __post_init__(self):
         for name, value, allowed in (("bilevel", self.bilevel, ("metake", "none")),
@@ -127,6 +129,36 @@ class MetaObjective:
             return self.loss_in_current_model(V)
 
 
+def solved_meta_loss(obj: MetaObjective, tok, layout, solver, layers: list[int], requests, context_templates,
+                     V: torch.Tensor, tcfg: TargetConfig) -> torch.Tensor:
+    """L_meta after the *actual* multi-layer write of V (§4 loop: keys and block-L states recomputed after each
+    layer, residual spread over the layers left, Δ_l = solver.solve), applied virtually by hooks and
+    differentiable in V through every stage. Regularisers' Φ is not applied (straight-through, §7.6)."""
+    model, m, L = obj.model, len(layers), layers[-1]
+    with ExitStack() as stack:
+        for i, l in enumerate(sorted(layers)):
+            K = compute_keys(model, tok, layout, [l], requests, context_templates, tcfg.fact_token,
+                             tcfg.legacy_bos_shift, grad=True)[l]
+            H = compute_block_states(model, tok, layout, L, requests, tcfg.fact_token, tcfg.legacy_bos_shift, grad=True)
+            delta = solver.solve(l, K, (V - H.to(V.dtype)).T / (m - i))
+            stack.enter_context(add_to_output(edited_module(model, layout, l), lambda x, D=delta: x.to(D.dtype) @ D.T))
+        return obj.loss_in_current_model(V)[0]
+
+
+def proxy_fidelity(obj: MetaObjective, tok, layout, solver, layers, requests, context_templates, V: torch.Tensor,
+                   tcfg: TargetConfig, eta: float) -> dict[str, float]:
+    """App. C.5: cosine between the proxy hypergradient and the true one through the full multi-layer solve, and
+    the one-step decrease of the true loss along the proxy step, in basis points: 10⁴ (L(v) − L(v − η g)) / |L(v)|."""
+    V = V.detach().requires_grad_(True)
+    g_proxy = torch.autograd.grad(obj.loss(V)[0], V)[0]
+    true = solved_meta_loss(obj, tok, layout, solver, layers, requests, context_templates, V, tcfg)
+    g_true = torch.autograd.grad(true, V)[0]
+    with torch.no_grad():
+        after = solved_meta_loss(obj, tok, layout, solver, layers, requests, context_templates, V - eta * g_proxy, tcfg)
+    cos = torch.nn.functional.cosine_similarity(g_proxy.flatten().double(), g_true.flatten().double(), dim=0)
+    return {"proxy_cosine": cos.item(), "one_step_bp": 1e4 * (true.item() - after.item()) / (abs(true.item()) + 1e-12)}
+
+
 @dataclass
 class Refinement:
     V: torch.Tensor  # [n, d] refined targets
@@ -135,12 +167,15 @@ class Refinement:
     beta: torch.Tensor  # [n] predicted realisation diag(M K)
     rho: torch.Tensor  # [n] association
     H: torch.Tensor  # [n, d] block-L states before the edit (for the empirical realisation β̂)
+    fidelity: dict | None = None  # proxy_cosine, one_step_bp (when cfg.proxy_fidelity)
 
 
 def refine_targets(model, tok, layout, solver, layers: list[int], requests, context_templates: list[str],
                    V_init: torch.Tensor, tcfg: TargetConfig, cfg: MetaKEConfig) -> Refinement:
     """Algorithm 1, batched over all requests of the step. With ``bilevel: none`` V = V_init (diagnostics only)."""
     obj = MetaObjective(model, tok, layout, solver, layers, requests, context_templates, V_init, tcfg, cfg)
+    fidelity = (proxy_fidelity(obj, tok, layout, solver, layers, requests, context_templates, obj.V_init, tcfg, cfg.eta)
+                if cfg.proxy_fidelity else None)
     V = obj.V_init.clone().requires_grad_(True)
     history: list[float] = []
     steps = cfg.T if cfg.bilevel == "metake" else 0
@@ -156,4 +191,5 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
         total, parts = obj.loss(V)
     history.append(total.item())
     diag = realisation(obj.M64, obj.K)
-    return Refinement(V.detach(), history, parts["nll"], diag["beta"].float(), diag["rho"].float(), obj.H.detach())
+    return Refinement(V.detach(), history, parts["nll"], diag["beta"].float(), diag["rho"].float(), obj.H.detach(),
+                      fidelity)

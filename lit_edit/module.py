@@ -196,6 +196,8 @@ class EditModule(L.LightningModule):
                            "metake/target_shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).mean()},
                           batch_size=len(writes))
             self._histograms({"metake/beta": ref.beta, "metake/rho": ref.rho})
+            if ref.fidelity is not None:
+                self.log_dict({f"metake/{k}": v for k, v in ref.fidelity.items()}, batch_size=len(writes))
         return {"plan": EditPlan(batch, Z, res, started, ref)}
 
     def _histograms(self, values: dict[str, torch.Tensor]) -> None:

@@ -128,3 +128,18 @@ def test_metake_in_the_fit_loop_logs_its_diagnostics(tiny_world, tmp_path):
     beta = [e.value for e in ea.Scalars("metake/beta_mean")]
     assert all(0.0 <= b < 1.0 for b in beta)
     assert json.loads((Path(trainer.log_dir) / "metrics.json").read_text())["n_edits"] == 10
+
+
+def test_proxy_fidelity_is_exact_for_one_layer_and_measured_for_several(tiny_world):
+    """App. C.5 diagnostic: through the full multi-layer solve. With one edited layer the proxy is exact (cos 1);
+    with two layers the keys and states of layer 1 move with layer 0's update, so it is only an estimate."""
+    out = {}
+    for layers in ([LAYER], [0, 1]):
+        module, reqs = setup_module_for(MEMIT(mom2_update_weight=50.0), layers=layers)
+        V_init = targets(module, reqs[:5])
+        with torch.enable_grad():
+            ref = refine_targets(module.llm, module.tok, module.layout, module.solver, layers, reqs[:5], module.context,
+                                 V_init, TCFG, MetaKEConfig(T=1, proxy_fidelity=True))
+        out[len(layers)] = ref.fidelity
+    assert out[1]["proxy_cosine"] >= 0.9999 and out[1]["one_step_bp"] > 0
+    assert -1.0 <= out[2]["proxy_cosine"] <= 1.0 and out[2]["proxy_cosine"] < out[1]["proxy_cosine"]
