@@ -79,6 +79,7 @@ class StepStats:
     update_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F written per layer (after finalize)
     request_residual: dict[int, list[float]] = field(default_factory=dict)  # ‖R_j‖ per layer, per inserted request
     forget_norm: dict[int, float] = field(default_factory=dict)  # ‖Δ‖_F of the removal phase per layer
+    regularizer_change: dict[int, float] = field(default_factory=dict)  # ‖Φ(Δ) − Δ‖ / ‖Δ‖ per layer (PRUNE/RECT)
     dropped: list[str] = field(default_factory=list)  # fact ids whose earlier edits were removed this step
 
 
@@ -151,6 +152,8 @@ def apply_batch(model, tok, layout, solver, layers: list[int], requests: list[Ed
                 solver.commit(l, K_all[l], values[l])
             for l in layers:
                 applied = solver.finalize(l, raw[l], W_before[l])
+                if getattr(solver, "regularizer", None):  # how much PRUNE/RECT changed this step (0: did not fire)
+                    stats.regularizer_change[l] = ((applied - raw[l]).norm() / raw[l].norm().clamp(min=1e-30)).item()
                 if applied is not raw[l]:  # a regulariser changed Δ: write W_before + Φ(Δ) instead of the raw Δ
                     _check_finite(applied, l)
                     set_weight(model, layout, l, W_before[l] + applied.to(W_before[l].dtype))

@@ -230,7 +230,7 @@ class EditModule(L.LightningModule):
             self.log("n_removed", float(self.n_removed), batch_size=n)
         self.edited_ids.extend(r.case_id for r in writes)
         for name, per_layer in (("residual_norm", stats.residual_norm), ("delta_norm", stats.update_norm),
-                                ("forget_norm", stats.forget_norm)):
+                                ("forget_norm", stats.forget_norm), ("regularizer_change", stats.regularizer_change)):
             for l, v in per_layer.items():
                 self.log(f"update/{name}/layer_{l}", v, batch_size=n)
         for k, v in self.solver.describe().items():
