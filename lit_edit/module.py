@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from lit_edit.editing import StepStats, apply_batch, compute_block_states
-from lit_edit.layouts import get_layout, get_weight
+from lit_edit.layouts import get_layout
 from lit_edit.metake import MetaKEConfig, Refinement, refine_targets
 from lit_edit.metrics import KEYS, make_metrics, record_scores, update_metrics
 from lit_edit.requests import EditRequest, EditRequestError

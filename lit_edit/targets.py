@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lit_edit.hooks import rewrite_output
 from lit_edit.layouts import block_module
