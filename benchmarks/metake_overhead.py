@@ -1,0 +1,76 @@
+"""Runtime and peak memory of MetaKE relative to its base solver, on the same requests, in one invocation.
+
+Each variant runs the real fit loop (``train.py fit``) in its own child process, one after the other, so
+that its peak RSS is its own; the edit time runs from the first step's start to the end of the epoch (targets, MetaKE refinement,
+the closed-form write, the per-batch metrics), so model loading, C0 and the final evaluation are excluded.
+
+    python benchmarks/metake_overhead.py                      # configs/world/metake.yaml vs the same with metake off
+    python benchmarks/metake_overhead.py --limit 100 --batch_size 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = """
+import json, resource, sys, time
+sys.argv = ["train.py"] + json.loads(sys.argv[1])
+from lit_edit.cli import main
+import lightning as L
+
+marks = []
+class StepTimer(L.Callback):  # first batch start -> end of the epoch: every step with all its callbacks
+    def on_train_batch_start(self, *a):
+        marks.append(time.perf_counter())
+    def on_train_epoch_end(self, *a):
+        marks.append(time.perf_counter())
+start = time.perf_counter()
+cli = main(sys.argv[1:] + ["--trainer.callbacks+=__main__.StepTimer"])
+print("CHILD " + json.dumps({"edit_s": marks[-1] - marks[0], "wall_s": time.perf_counter() - start,
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                             "metrics": cli.model.final_scores}))
+"""
+
+
+def run(config: str, extra: list[str], out: Path) -> dict:
+    args = ["fit", "--config", config, "--model.eval_every_n_steps", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+            "--trainer.logger.init_args.save_dir", str(out)] + extra
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("CHILD ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][6:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/world/metake.yaml")
+    p.add_argument("--limit", type=int, default=60)
+    p.add_argument("--batch_size", type=int, default=20)
+    a = p.parse_args()
+    data = ["--data.limit", str(a.limit), "--data.batch_size", str(a.batch_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = run(a.config, data + ["--model.metake", "null"], Path(tmp) / "base")
+        meta = run(a.config, data, Path(tmp) / "metake")
+    for name, r in (("base solver", base), ("MetaKE", meta)):
+        m = r["metrics"]
+        print(f"{name:12s} edit time {r['edit_s']:7.1f}s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+              f"eff {m.get('efficacy', float('nan')):.3f} gen {m.get('generalization', float('nan')):.3f} "
+              f"spec {m.get('specificity', float('nan')):.3f}")
+    print(f"RESULT n_edits={a.limit} batch_size={a.batch_size} base_edit_s={base['edit_s']:.2f} "
+          f"metake_edit_s={meta['edit_s']:.2f} time_ratio={meta['edit_s'] / base['edit_s']:.3f} "
+          f"base_peak_rss_mb={base['peak_rss_mb']:.0f} metake_peak_rss_mb={meta['peak_rss_mb']:.0f} "
+          f"rss_ratio={meta['peak_rss_mb'] / base['peak_rss_mb']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
