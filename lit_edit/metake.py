@@ -21,6 +21,7 @@ the predicted realisation β and S = T (I − T)⁻¹ the association matrix, ρ
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
@@ -180,9 +181,12 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
     history: list[float] = []
     steps = cfg.T if cfg.bilevel == "metake" else 0
     opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)([V], lr=cfg.eta)
-    for _ in range(steps):
+    for t in range(steps):
         total, _ = obj.loss(V)
         history.append(total.item())
+        if not (torch.isfinite(total) and torch.isfinite(V).all()):
+            raise FloatingPointError(f"MetaKE refinement diverged at iteration {t} (meta-loss {total.item():.4g}, "
+                                     f"history {history[:-1][-3:]}): lower metake.eta (now {cfg.eta:g})")
         opt.zero_grad()
         if total.requires_grad:  # stop_grad at V = V_init leaves nothing to differentiate
             total.backward()
@@ -190,6 +194,10 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
     with torch.no_grad():
         total, parts = obj.loss(V)
     history.append(total.item())
+    if steps and history[-1] > history[0]:  # the paper's plain descent returns V_T whatever happened
+        warnings.warn(f"MetaKE refinement raised the meta-loss ({history[0]:.4g} -> {history[-1]:.4g}); "
+                      f"metake.eta={cfg.eta:g} is too large for this model's scale (measured on the fact world: "
+                      f"eta 5 diverges, 0.5 is stable)", RuntimeWarning, stacklevel=2)
     diag = realisation(obj.M64, obj.K)
     return Refinement(V.detach(), history, parts["nll"], diag["beta"].float(), diag["rho"].float(), obj.H.detach(),
                       fidelity)

@@ -143,3 +143,17 @@ def test_proxy_fidelity_is_exact_for_one_layer_and_measured_for_several(tiny_wor
         out[len(layers)] = ref.fidelity
     assert out[1]["proxy_cosine"] >= 0.9999 and out[1]["one_step_bp"] > 0
     assert -1.0 <= out[2]["proxy_cosine"] <= 1.0 and out[2]["proxy_cosine"] < out[1]["proxy_cosine"]
+
+
+def test_divergent_refinement_is_reported(tiny_world):
+    """Plain gradient descent with a far too large η: a non-finite meta-loss stops the step with a clear error
+    (before any weight is written); a finite blow-up warns."""
+    module, reqs = setup_module_for(MEMIT(mom2_update_weight=50.0), dtype="float32")
+    V_init = targets(module, reqs[:5])
+    args = (module.llm, module.tok, module.layout, module.solver, [LAYER], reqs[:5], module.context, V_init, TCFG)
+    before = get_weight(module.llm, module.layout, LAYER).clone()
+    with torch.enable_grad(), pytest.raises(FloatingPointError, match="lower metake.eta"):
+        refine_targets(*args, MetaKEConfig(T=15, eta=1e6))
+    assert torch.equal(get_weight(module.llm, module.layout, LAYER), before)
+    with torch.enable_grad(), pytest.warns(RuntimeWarning, match="raised the meta-loss"):
+        refine_targets(*args, MetaKEConfig(T=15, eta=5.0))  # measured: 5.0 -> 4.9e26, still finite
