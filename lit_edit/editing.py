@@ -99,15 +99,14 @@ def plan_operations(solver, requests: list[EditRequest]) -> tuple[list[EditReque
             raise EditRequestError(r.case_id, "op", f"{r.op} of fact {fid!r}, which has no applied edit in the "
                                    f"solver's ledger")
         if r.op == "insert" and known:
-            policy = getattr(solver, "on_conflict", "keep")
-            if policy == "error":
+            if solver.on_conflict == "error":
                 raise EditRequestError(r.case_id, "op", f"fact {fid!r} is already edited; use op 'replace' "
                                        f"(or the solver's on_conflict: replace)")
-            if policy == "replace":
+            if solver.on_conflict == "replace":
                 drops.append(fid)
         if r.op in ("replace", "remove"):
             drops.append(fid)
-        if r.op != "remove":
+        if r.writes:
             writes.append(r)
     return writes, drops
 
@@ -152,7 +151,7 @@ def apply_batch(model, tok, layout, solver, layers: list[int], requests: list[Ed
                 solver.commit(l, K_all[l], values[l])
             for l in layers:
                 applied = solver.finalize(l, raw[l], W_before[l])
-                if getattr(solver, "regularizer", None):  # how much PRUNE/RECT changed this step (0: did not fire)
+                if solver.regularizer:  # how much PRUNE/RECT changed this step (0: did not fire)
                     stats.regularizer_change[l] = ((applied - raw[l]).norm() / raw[l].norm().clamp(min=1e-30)).item()
                 if applied is not raw[l]:  # a regulariser changed Δ: write W_before + Φ(Δ) instead of the raw Δ
                     _check_finite(applied, l)

@@ -36,6 +36,11 @@ class EditPlan:
     started: float = field(default_factory=time.perf_counter)
     refinement: Refinement | None = None  # MetaKE's refinement of the targets, when configured
 
+    @property
+    def writes(self) -> list[EditRequest]:
+        """The requests with a row in Z (all but removals), in order."""
+        return [r for r in self.requests if r.writes]
+
 
 def load_model(name_or_path: str, dtype: str = "float32"):
     """``from_pretrained`` for a hub id or local path; ``world[:preset]`` is the built-in fact world."""
@@ -147,7 +152,7 @@ class EditModule(L.LightningModule):
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
-            scored = [r for r in self.requests if r.op != "remove"]
+            scored = [r for r in self.requests if r.writes]
             self.pre_records = dict(zip([r.case_id for r in scored], record_scores(self.llm, self.tok, scored)))
 
     def validate_lengths(self, requests: list[EditRequest]) -> None:
@@ -157,7 +162,7 @@ class EditModule(L.LightningModule):
             return
         longest_ctx = max(self.context, key=len)
         for r in requests:
-            if r.op == "remove":
+            if not r.writes:
                 continue
             enc = encode_prompt(self.tok, fill_context(longest_ctx, r.prompt), r.subject, self.target_cfg.fact_token)
             n = len(enc.ids) + len(target_ids(self.tok, r.target_new)) - 1
@@ -172,7 +177,7 @@ class EditModule(L.LightningModule):
     def training_step(self, batch: list[EditRequest], batch_idx: int):
         started = time.perf_counter()
         L_ = self.layers[-1]
-        writes = [r for r in batch if r.op != "remove"]  # removals need no target
+        writes = [r for r in batch if r.writes]  # removals need no target
         res = None
         if writes:
             with torch.enable_grad():
@@ -209,8 +214,7 @@ class EditModule(L.LightningModule):
     def log_realisation(self, plan: EditPlan) -> None:
         """Empirical realisation β̂_i = ⟨h_L^post − h_L^pre, r_i⟩ / ‖r_i‖² with r = V − h_L^pre, end to end at the
         last edited layer (ALGORITHMS.md §7.5), next to the predicted β."""
-        ref = plan.refinement
-        writes = [r for r in plan.requests if r.op != "remove"]
+        ref, writes = plan.refinement, plan.writes
         post = compute_block_states(self.llm, self.tok, self.layout, self.layers[-1], writes,
                                     self.target_cfg.fact_token, self.target_cfg.legacy_bos_shift).to(ref.H)
         r = plan.Z.to(ref.H) - ref.H
@@ -221,7 +225,7 @@ class EditModule(L.LightningModule):
     def on_edit_applied(self, plan: EditPlan, stats: StepStats) -> None:
         """Called by ClosedFormEdit after a successful write: ledger, logs, retention evaluation."""
         n = len(plan.requests)
-        writes = [r for r in plan.requests if r.op != "remove"]
+        writes = plan.writes
         if stats.dropped:  # replaced or forgotten facts leave the set of live edits
             dropped = set(stats.dropped)
             by_id = {r.case_id: r for r in self.requests}
@@ -263,7 +267,7 @@ class EditModule(L.LightningModule):
                         "layers": self.layers, "update_norm": stats.update_norm}
                 if r.op == "insert" and r.fact_id in dropped:
                     line["operation"] = "insert (replaced earlier edit)"
-                if r.op != "remove":
+                if r.writes:
                     line["target_loss"] = round(float(plan.targets.loss[j]), 6)
                     line["residual_norm"] = {l: v[j] for l, v in stats.request_residual.items()}
                     j += 1

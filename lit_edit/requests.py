@@ -46,6 +46,11 @@ class EditRequest:
     op: str = "insert"  # "insert" | "replace" (new value for an edited fact) | "remove" (forget an edited fact)
 
     @property
+    def writes(self) -> bool:
+        """Whether the request writes a value (insert, replace); a removal only drops an earlier edit."""
+        return self.op != "remove"
+
+    @property
     def fact_id(self) -> str:
         """The fact an edit writes: its filled prompt. ``replace`` and ``remove`` find earlier edits by it."""
         return self.filled_prompt
@@ -63,9 +68,9 @@ class EditRequest:
             raise EditRequestError(cid, "subject", "missing or empty")
         if self.op not in OPERATIONS:
             raise EditRequestError(cid, "op", f"must be one of {OPERATIONS}, got {self.op!r}")
-        if self.op != "remove" and (not isinstance(self.target_new, str) or not self.target_new.strip()):
+        if self.writes and (not isinstance(self.target_new, str) or not self.target_new.strip()):
             raise EditRequestError(cid, "target_new", "missing or empty")
-        if self.op != "remove" and self.target_true is not None and self.target_new.strip() == self.target_true.strip():
+        if self.writes and self.target_true is not None and self.target_new.strip() == self.target_true.strip():
             raise EditRequestError(cid, "target_new", f"equals target_true ({self.target_true!r}): nothing to edit")
         prefix = self.prompt.split("{}")[0]
         if prefix and not prefix.endswith(" "):

@@ -118,6 +118,9 @@ class Solver:
     State tensors are replaced, never mutated in place, so a ``state_dict`` taken before a step is a valid
     snapshot to roll back to."""
 
+    on_conflict = "keep"  # an insert of an already edited fact: "keep" | "replace" | "error" (needs a ledger)
+    regularizer: str | None = None  # post-processing of Δ in finalize ("prune" | "rect"), None = none
+
     def __init__(self) -> None:
         self.n_edits = 0
 

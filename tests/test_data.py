@@ -261,6 +261,7 @@ BAD_COUNTERFACT = {
     "missing requested_rewrite": (_without(_cf_record(501), "requested_rewrite"), "requested_rewrite"),
     "missing target_true": (_without(_cf_record(501), "requested_rewrite", "target_true"), "target_true"),
     "missing target_new str": (_without(_cf_record(501), "requested_rewrite", "target_new", "str"), "target_new"),
+    "unknown op": ({**_cf_record(501), "op": "delete"}, "op"),
 }
 
 
