@@ -21,12 +21,14 @@ the predicted realisation β and S = T (I − T)⁻¹ the association matrix, ρ
 """
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 import torch
 
+from lit_edit.distributed import all_reduce_sum
 from lit_edit.editing import compute_block_states, compute_keys
 from lit_edit.hooks import add_to_output
 from lit_edit.layouts import block_module, edited_module
@@ -84,7 +86,7 @@ class MetaObjective:
     H at layer L, the gate M, the tokenised prompts and the pre-edit locality distributions."""
 
     def __init__(self, model, tok, layout, solver, layers: list[int], requests, context_templates: list[str],
-                 V_init: torch.Tensor, tcfg: TargetConfig, cfg: MetaKEConfig):
+                 V_init: torch.Tensor, tcfg: TargetConfig, cfg: MetaKEConfig, own: list[int] | None = None):
         self.model, self.cfg = model, cfg
         self.L = layers[-1]
         dev = next(model.parameters()).device
@@ -99,16 +101,21 @@ class MetaObjective:
         self.V_init = V_init.detach().to(dev, self.dt)
         self.tcfg = replace(tcfg, kl_prompt=cfg.loc_prompt, kl_direction=cfg.kl_direction)
         self.batch = build_target_batch(tok, requests, context_templates, self.tcfg)
-        self.rows = torch.arange(len(self.batch.req))
+        # the requests whose loss terms this process evaluates (all of them, or its DDP shard: the meta-loss is a
+        # sum over requests, so the shards' gradients add up to the full one)
+        self.own = torch.arange(len(requests)) if own is None else torch.tensor(own, dtype=torch.long)
+        self.rows = torch.isin(self.batch.req, self.own).nonzero()[:, 0]
         self.block = block_module(model, layout, self.L)
         self.module = edited_module(model, layout, self.L)
         self.zero = torch.zeros(len(requests), hidden_size(model), device=dev, dtype=self.dt)
         record: dict = {}
-        with torch.no_grad():
-            request_losses(model, self.block, self.batch, self.rows, self.zero, None, self.tcfg, record)
-        idx, ref = record["kl_ref"]
-        self.kl_ref = torch.zeros(len(requests), ref.shape[1], device=dev, dtype=self.dt)
-        self.kl_ref[idx.to(dev)] = ref
+        self.kl_ref = None
+        if len(self.rows):
+            with torch.no_grad():
+                request_losses(model, self.block, self.batch, self.rows, self.zero, None, self.tcfg, record)
+            idx, ref = record["kl_ref"]
+            self.kl_ref = torch.zeros(len(requests), ref.shape[1], device=dev, dtype=self.dt)
+            self.kl_ref[idx.to(dev)] = ref
 
     def proxy_residual(self, V: torch.Tensor) -> torch.Tensor:
         """R_L(V) = V − H (n×d), detached for the stop-grad ablation."""
@@ -117,8 +124,13 @@ class MetaObjective:
 
     def loss_in_current_model(self, V: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """L_meta evaluated on the model as it is now (the caller installs the look-ahead or a real update)."""
-        nll, kl = request_losses(self.model, self.block, self.batch, self.rows, self.zero, self.kl_ref, self.tcfg, None)
-        anchor = (V - self.V_init).pow(2).sum()
+        if len(self.rows):
+            nll, kl = request_losses(self.model, self.block, self.batch, self.rows, self.zero, self.kl_ref, self.tcfg,
+                                     None)
+        else:  # an all-padding DDP shard contributes only zeros (it still joins the collectives)
+            nll = kl = torch.zeros(len(self.zero), device=V.device, dtype=self.dt)
+        own = self.own.to(V.device)
+        anchor = (V[own] - self.V_init[own]).pow(2).sum()
         c = self.cfg
         total = c.w_edit * nll.sum() + c.w_loc * kl.sum() + c.w_anchor * anchor
         return total, {"nll": nll.detach(), "kl": kl.detach(), "anchor": anchor.detach()}
@@ -151,11 +163,13 @@ def proxy_fidelity(obj: MetaObjective, tok, layout, solver, layers, requests, co
     """App. C.5: cosine between the proxy hypergradient and the true one through the full multi-layer solve, and
     the one-step decrease of the true loss along the proxy step, in basis points: 10⁴ (L(v) − L(v − η g)) / |L(v)|."""
     V = V.detach().requires_grad_(True)
-    g_proxy = torch.autograd.grad(obj.loss(V)[0], V)[0]
+    g_proxy = all_reduce_sum(torch.autograd.grad(obj.loss(V)[0], V)[0])  # sums of the DDP shards' parts
     true = solved_meta_loss(obj, tok, layout, solver, layers, requests, context_templates, V, tcfg)
-    g_true = torch.autograd.grad(true, V)[0]
+    g_true = all_reduce_sum(torch.autograd.grad(true, V)[0])
+    true = all_reduce_sum(true.detach())
     with torch.no_grad():
-        after = solved_meta_loss(obj, tok, layout, solver, layers, requests, context_templates, V - eta * g_proxy, tcfg)
+        after = all_reduce_sum(solved_meta_loss(obj, tok, layout, solver, layers, requests, context_templates,
+                                                V - eta * g_proxy, tcfg))
     cos = torch.nn.functional.cosine_similarity(g_proxy.flatten().double(), g_true.flatten().double(), dim=0)
     return {"proxy_cosine": cos.item(), "one_step_bp": 1e4 * (true.item() - after.item()) / (abs(true.item()) + 1e-12)}
 
@@ -172,9 +186,13 @@ class Refinement:
 
 
 def refine_targets(model, tok, layout, solver, layers: list[int], requests, context_templates: list[str],
-                   V_init: torch.Tensor, tcfg: TargetConfig, cfg: MetaKEConfig) -> Refinement:
-    """Algorithm 1, batched over all requests of the step. With ``bilevel: none`` V = V_init (diagnostics only)."""
-    obj = MetaObjective(model, tok, layout, solver, layers, requests, context_templates, V_init, tcfg, cfg)
+                   V_init: torch.Tensor, tcfg: TargetConfig, cfg: MetaKEConfig, own: list[int] | None = None) -> Refinement:
+    """Algorithm 1, batched over all requests of the step. With ``bilevel: none`` V = V_init (diagnostics only).
+
+    Under DDP every rank passes the same ``requests`` and ``V_init`` and, as ``own``, the indices of its shard: it
+    evaluates only those requests' loss terms, the gradients are summed across ranks (the meta-loss is a sum over
+    requests), and every rank takes the identical step."""
+    obj = MetaObjective(model, tok, layout, solver, layers, requests, context_templates, V_init, tcfg, cfg, own)
     fidelity = (proxy_fidelity(obj, tok, layout, solver, layers, requests, context_templates, obj.V_init, tcfg, cfg.eta)
                 if cfg.proxy_fidelity else None)
     V = obj.V_init.clone().requires_grad_(True)
@@ -183,21 +201,22 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
     opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)([V], lr=cfg.eta)
     for t in range(steps):
         total, _ = obj.loss(V)
-        history.append(total.item())
-        if not (torch.isfinite(total) and torch.isfinite(V).all()):
-            raise FloatingPointError(f"MetaKE refinement diverged at iteration {t} (meta-loss {total.item():.4g}, "
+        history.append(all_reduce_sum(total.detach()).item())
+        if not (math.isfinite(history[-1]) and torch.isfinite(V).all()):
+            raise FloatingPointError(f"MetaKE refinement diverged at iteration {t} (meta-loss {history[-1]:.4g}, "
                                      f"history {history[:-1][-3:]}): lower metake.eta (now {cfg.eta:g})")
         opt.zero_grad()
         if total.requires_grad:  # stop_grad at V = V_init leaves nothing to differentiate
             total.backward()
+            V.grad = all_reduce_sum(V.grad)
             opt.step()
     with torch.no_grad():
         total, parts = obj.loss(V)
-    history.append(total.item())
+    history.append(all_reduce_sum(total).item())
     if steps and history[-1] > history[0]:  # the paper's plain descent returns V_T whatever happened
         warnings.warn(f"MetaKE refinement raised the meta-loss ({history[0]:.4g} -> {history[-1]:.4g}); "
                       f"metake.eta={cfg.eta:g} is too large for this model's scale (measured on the fact world: "
                       f"eta 5 diverges, 0.5 is stable)", RuntimeWarning, stacklevel=2)
     diag = realisation(obj.M64, obj.K)
-    return Refinement(V.detach(), history, parts["nll"], diag["beta"].float(), diag["rho"].float(), obj.H.detach(),
+    return Refinement(V.detach(), history, all_reduce_sum(parts["nll"]), diag["beta"].float(), diag["rho"].float(), obj.H.detach(),
                       fidelity)

@@ -24,7 +24,8 @@ KEYS = ("efficacy", "generalization", "specificity")
 
 
 def make_metrics(prefix: str = "") -> MetricCollection:
-    return MetricCollection({k: MeanMetric() for k in KEYS}, prefix=prefix)
+    """Means of per-record scores; float64 sum and count states, summed across DDP ranks by ``compute()``."""
+    return MetricCollection({k: MeanMetric().set_dtype(torch.float64) for k in KEYS}, prefix=prefix)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lit_edit import distributed as dist
 from lit_edit.editing import StepStats, apply_batch, compute_block_states
 from lit_edit.layouts import get_layout
 from lit_edit.metake import MetaKEConfig, Refinement, refine_targets
@@ -22,7 +23,7 @@ from lit_edit.metrics import KEYS, make_metrics, record_scores, update_metrics
 from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, layer_stats
-from lit_edit.targets import TargetConfig, TargetResult, compute_targets
+from lit_edit.targets import TargetConfig, TargetResult, compute_targets, hidden_size, opt_dtype
 from lit_edit.tokens import encode_prompt, fill_context, target_ids
 
 
@@ -40,6 +41,19 @@ class EditPlan:
     def writes(self) -> list[EditRequest]:
         """The requests with a row in Z (all but removals), in order."""
         return [r for r in self.requests if r.writes]
+
+
+def gather_targets(local: TargetResult | None, capacity: int, d: int, dtype: torch.dtype, device) -> TargetResult:
+    """Every rank's targets (its shard's rows, ≤ ``capacity``; None when its shard has no write), concatenated
+    in rank order = the global order of the batch's writes. One process: ``local`` itself."""
+    if not dist.is_distributed():
+        return local
+    if local is None:
+        z, zl = torch.zeros(0, d, device=device, dtype=dtype), torch.zeros(0, device=device, dtype=dtype)
+        local = TargetResult(z, z, z, zl, zl, torch.zeros(0, dtype=torch.long), [])
+    rows = lambda x: dist.gather_rows(x.to(device), capacity)  # noqa: E731
+    return TargetResult(rows(local.v_star), rows(local.h_init), rows(local.delta), rows(local.loss), rows(local.nll),
+                        rows(local.steps).cpu(), local.history)
 
 
 def load_model(name_or_path: str, dtype: str = "float32"):
@@ -95,6 +109,8 @@ class EditModule(L.LightningModule):
         eval_every_n_steps: evaluate all requests edited so far every N steps (retention curve); 0 = never.
         eval_pre: evaluate the unedited model on the whole stream once (the ``pre.`` metrics).
         export_dir: if set, ``save_pretrained`` the edited model (safetensors) at the end of fit.
+        sync_check_every_n_steps: under DDP, compare a checksum of the edited weights across ranks every N steps
+            (a raise if they ever differ); 0 = never. No-op on one process.
     """
 
     def __init__(self, model: str = "world", layers: list[int] = [1, 2], solver: Solver | None = None,
@@ -102,9 +118,13 @@ class EditModule(L.LightningModule):
                  stats: StatsConfig = StatsConfig(),
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
-                 export_dir: str | None = None) -> None:
+                 export_dir: str | None = None, sync_check_every_n_steps: int = 1) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake"])
+        # LightningCLI re-applies a checkpoint's hyper_parameters over the command line on --ckpt_path: keep out the
+        # options a resumed run may change (where to export, how often to evaluate or check) and anything that is
+        # not an __init__ argument
+        self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake", "export_dir", "eval_every_n_steps",
+                                          "sync_check_every_n_steps"])
         self.model_name = model
         self.layers = sorted(layers)
         self.solver = solver if solver is not None else AlphaEdit()
@@ -112,7 +132,7 @@ class EditModule(L.LightningModule):
         self.stats_cfg = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
         self.metake_cfg = metake if isinstance(metake, MetaKEConfig) or metake is None else MetaKEConfig(**metake)
         # plain dicts only, so checkpoints load with torch.load(weights_only=True)
-        self.hparams.update(targets=asdict(self.target_cfg), stats=asdict(self.stats_cfg), solver=type(self.solver).__name__,
+        self.hparams.update(targets=asdict(self.target_cfg), stats=asdict(self.stats_cfg),
                             metake=asdict(self.metake_cfg) if self.metake_cfg else None)
         self.layout_override = layout
         self.dtype_name = dtype
@@ -121,17 +141,18 @@ class EditModule(L.LightningModule):
         self.eval_every_n_steps = eval_every_n_steps
         self.eval_pre = eval_pre
         self.export_dir = export_dir
+        self.sync_check_every_n_steps = sync_check_every_n_steps
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None
+        self.run_dir: str | None = None  # the trainer's log dir: edits.jsonl, metrics.json
         self.edited_ids: list = []  # live edits in order (replaced or removed facts leave it)
         self.n_removed = 0
         self.context: list[str] = []
         self.pre_records: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
         self.final_scores: dict[str, float] = {}
         self._restored: dict | None = None
-        self.batch_metrics = make_metrics("batch/")
-        self.all_metrics = make_metrics("edited/")
+        self.batch_metrics = make_metrics()
 
     # -- set-up ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -153,7 +174,9 @@ class EditModule(L.LightningModule):
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
             scored = [r for r in self.requests if r.writes]
-            self.pre_records = dict(zip([r.case_id for r in scored], record_scores(self.llm, self.tok, scored)))
+            mine = [scored[i] for i in dist.shard(len(scored))]  # each rank scores its shard, all keep the union
+            parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], record_scores(self.llm, self.tok, mine))))
+            self.pre_records = dict(pair for part in parts for pair in part)
 
     def validate_lengths(self, requests: list[EditRequest]) -> None:
         """The longest sequence a request produces must fit the model's context (checked before any edit)."""
@@ -170,18 +193,36 @@ class EditModule(L.LightningModule):
                 raise EditRequestError(r.case_id, "prompt", f"prompt + target_new is {n} tokens with the longest context "
                                        f"template; the model allows {limit}")
 
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            dist.check_strategy(self.trainer)
+
+    def on_fit_start(self) -> None:
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): read it here on every rank, once,
+        # never inside a rank-0-only branch
+        self.run_dir = self.trainer.log_dir
+
     def configure_optimizers(self):
         return None  # the LLM is frozen; the inner optimisations own their optimisers
 
     # -- the step -------------------------------------------------------------------------
     def training_step(self, batch: list[EditRequest], batch_idx: int):
+        """Targets for the batch's writes. Under DDP every rank gets the same global batch, optimises the targets of
+        its shard (:func:`lit_edit.distributed.shard`) and gathers everyone's, in the global order."""
         started = time.perf_counter()
         L_ = self.layers[-1]
         writes = [r for r in batch if r.writes]  # removals need no target
+        in_shard = dist.shard(len(batch))
+        own = [j for j, i in enumerate(i for i, r in enumerate(batch) if r.writes) if i in in_shard]
+        mine = [writes[j] for j in own]
+        capacity = len(dist.shard(len(batch), r=0))  # the largest shard
         res = None
         if writes:
-            with torch.enable_grad():
-                res = compute_targets(self.llm, self.tok, self.layout, L_, writes, self.context, self.target_cfg)
+            local = None
+            if mine:
+                with torch.enable_grad():
+                    local = compute_targets(self.llm, self.tok, self.layout, L_, mine, self.context, self.target_cfg)
+            res = gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
             self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
                            "targets/steps": res.steps.float().mean(),
                            "targets/delta_norm": res.delta.norm(dim=-1).mean()}, batch_size=len(writes))
@@ -193,7 +234,8 @@ class EditModule(L.LightningModule):
         if res is not None and self.metake_cfg is not None:
             with torch.enable_grad():
                 ref = refine_targets(self.llm, self.tok, self.layout, self.solver, self.layers, writes, self.context,
-                                     res.v_star, self.target_cfg, self.metake_cfg)
+                                     res.v_star, self.target_cfg, self.metake_cfg,
+                                     own=own if dist.is_distributed() else None)
             Z = ref.V.to(Z.dtype)
             self.log_dict({"metake/loss_start": ref.history[0], "metake/loss_end": ref.history[-1],
                            "metake/nll_end": ref.nll.mean(), "metake/beta_mean": ref.beta.mean(),
@@ -242,9 +284,10 @@ class EditModule(L.LightningModule):
         if writes and plan.refinement is not None:
             self.log_realisation(plan)
         if writes:
-            self.batch_metrics.reset()
-            update_metrics(self.batch_metrics, record_scores(self.llm, self.tok, writes))
-            self.log_dict(self.batch_metrics.compute(), batch_size=len(writes), prog_bar=True)
+            scores = self.evaluate(writes, metrics=self.batch_metrics)
+            self.log_dict({f"batch/{k}": v for k, v in scores.items()}, batch_size=len(writes), prog_bar=True)
+        if self.sync_check_every_n_steps and self.global_step % self.sync_check_every_n_steps == 0:
+            dist.assert_in_sync(self.edited_weights(), f"edited weights after step {self.global_step}")
         self.log("n_edits", float(len(self.edited_ids)), batch_size=n)
         step = self.global_step
         if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
@@ -257,10 +300,10 @@ class EditModule(L.LightningModule):
         self._write_ledger(plan, stats)
 
     def _write_ledger(self, plan: EditPlan, stats: StepStats) -> None:
-        if self._trainer is None or not self.trainer.is_global_zero or not self.trainer.log_dir:
+        if self._trainer is None or not self.trainer.is_global_zero or not self.run_dir:
             return
         dropped = set(stats.dropped)
-        with open(Path(self.trainer.log_dir) / "edits.jsonl", "a") as f:
+        with open(Path(self.run_dir) / "edits.jsonl", "a") as f:
             j = 0  # index among the requests that wrote a value
             for r in plan.requests:
                 line = {"case_id": r.case_id, "step": self.global_step, "operation": r.op, "fact": r.fact_id,
@@ -280,10 +323,18 @@ class EditModule(L.LightningModule):
         by_id = {r.case_id: r for r in self.requests}
         return [by_id[i] for i in self.edited_ids]
 
-    def evaluate(self, requests: list[EditRequest], scores: list[dict] | None = None) -> dict[str, float]:
-        metrics = make_metrics().to(self.device)
-        update_metrics(metrics, scores if scores is not None else record_scores(self.llm, self.tok, requests))
-        return {k: float(v) for k, v in metrics.compute().items() if k in KEYS}
+    def evaluate(self, requests: list[EditRequest], scores: list[dict] | None = None, metrics=None) -> dict[str, float]:
+        """Mean scores of ``requests`` (or of precomputed per-record ``scores``). Under DDP each rank scores its shard
+        and the torchmetrics states (sums and counts) are reduced by ``compute()``: call it on every rank."""
+        metrics = make_metrics().to(self.device) if metrics is None else metrics
+        metrics.reset()
+        if scores is None:
+            mine = [requests[i] for i in dist.shard(len(requests))]
+            scores = record_scores(self.llm, self.tok, mine) if mine else []
+        else:
+            scores = [scores[i] for i in dist.shard(len(scores))]
+        update_metrics(metrics, scores)
+        return {k.removeprefix(metrics.prefix or ""): float(v) for k, v in metrics.compute().items()}
 
     def configure_callbacks(self):
         return [ClosedFormEdit()]
@@ -298,9 +349,9 @@ class EditModule(L.LightningModule):
         result = {**self.final_scores, **{f"pre.{k}": v for k, v in pre_scores.items()}, "n_edits": len(edited)}
         if self.trainer.is_global_zero:
             print_table(result, len(edited))
-            if self.trainer.log_dir:
-                Path(self.trainer.log_dir).mkdir(parents=True, exist_ok=True)
-                (Path(self.trainer.log_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
+            if self.run_dir:
+                Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+                (Path(self.run_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
             if self.logger is not None:
                 self.logger.log_metrics({f"final/{k}": v for k, v in result.items()}, step=self.global_step)
             if self.export_dir:
@@ -308,6 +359,11 @@ class EditModule(L.LightningModule):
                 self.tok.save_pretrained(self.export_dir)
 
     # -- checkpoints: only what changed ------------------------------------------------------
+    def edited_weights(self) -> list[torch.Tensor]:
+        from lit_edit.layouts import get_weight
+
+        return [get_weight(self.llm, self.layout, l) for l in self.layers]
+
     def edited_param_names(self) -> list[str]:
         names = {id(p): n for n, p in self.named_parameters()}
         from lit_edit.layouts import edited_module
@@ -320,12 +376,16 @@ class EditModule(L.LightningModule):
         checkpoint["lit_edit"] = {"solver": self.solver.state_dict(), "context": self.context,
                                   "edited_ids": list(self.edited_ids), "pre_records": self.pre_records,
                                   "n_removed": self.n_removed,
-                                  "model": self.model_name, "layers": self.layers}
+                                  "model": self.model_name, "layers": self.layers,
+                                  "solver_class": type(self.solver).__name__}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["lit_edit"]
         if state["layers"] != self.layers:
             raise ValueError(f"checkpoint edits layers {state['layers']}, this run is configured for {self.layers}")
+        if state.get("solver_class", type(self.solver).__name__) != type(self.solver).__name__:
+            raise ValueError(f"checkpoint was written by solver {state['solver_class']}, this run is configured with "
+                             f"{type(self.solver).__name__}")
         self.solver.load_state_dict(state["solver"])
         self.context = state["context"]
         self.edited_ids = list(state["edited_ids"])

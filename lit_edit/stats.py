@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lit_edit.hooks import capture_inputs
-from lit_edit.layouts import edited_module
+from lit_edit import distributed as dist
+from lit_edit.layouts import edited_module, weight_shape
 from lit_edit.tokens import pad_batch, pad_id
 
 
@@ -66,10 +67,14 @@ def iter_texts(cfg: StatsConfig) -> Iterator[str]:
 
 
 def compute_second_moments(model, tok, layout, layers: list[int], texts, max_length: int, batch_tokens: int):
-    """Σ k kᵀ / N per layer in float64 over all real tokens of ``texts``. Returns ({layer: C0}, N)."""
+    """Σ k kᵀ / N per layer in float64 over all real tokens of ``texts``. Returns ({layer: C0}, N).
+
+    Under DDP each rank takes every world-th text and the sums and the token count are all-reduced, so every
+    rank gets the statistic of the whole corpus (the same up to float64 summation order)."""
     dev = next(model.parameters()).device
     mods = {l: edited_module(model, layout, l) for l in layers}
-    sums = {l: None for l in layers}
+    sums = {l: torch.zeros(weight_shape(model, layout, l)[1], weight_shape(model, layout, l)[1], device=dev,
+                           dtype=torch.float64) for l in layers}
     count = 0
     cap = min(max_length, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", max_length))
 
@@ -81,12 +86,14 @@ def compute_second_moments(model, tok, layout, layers: list[int], texts, max_len
         real = mask.bool().to(dev)
         for l in layers:
             k = store[l][0][real].double()
-            s = k.T @ k
-            sums[l] = s if sums[l] is None else sums[l] + s
+            sums[l] += k.T @ k
         count += int(real.sum())
 
     batch, tokens = [], 0
-    for text in texts:
+    world, me = dist.world_size(), dist.rank()
+    for i, text in enumerate(texts):
+        if i % world != me:
+            continue
         ids = tok(text, truncation=True, max_length=cap)["input_ids"]
         if not ids:
             continue
@@ -97,6 +104,8 @@ def compute_second_moments(model, tok, layout, layers: list[int], texts, max_len
             batch, tokens = [], 0
     if batch:
         run(batch)
+    sums = {l: dist.all_reduce_sum(sums[l]) for l in layers}
+    count = int(dist.all_reduce_sum(torch.tensor(count, device=dev)))
     if count == 0:
         raise ValueError("the statistics corpus yielded no tokens")
     return {l: sums[l] / count for l in layers}, count
@@ -126,14 +135,16 @@ def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_i
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)[-80:]
     folder = cache_root(cache_dir) / "stats" / safe / f"{Path(cfg.dataset).name}_{cfg.n_samples}_{cfg.dtype}_{key}"
     path = {l: folder / f"{edited_module(model, layout, l).__class__.__name__}_layer{l}_mom2.safetensors" for l in layers}
-    missing = [l for l in layers if not path[l].exists()]
+    missing = dist.broadcast_object([l for l in layers if not path[l].exists()])  # rank 0 decides for all
     if missing:
         C, n = compute_second_moments(model, tok, layout, missing, iter_texts(cfg), cfg.max_length, cfg.batch_tokens)
-        folder.mkdir(parents=True, exist_ok=True)
-        for l in missing:
-            tmp = path[l].with_suffix(".tmp")
-            save_file({"mom2": C[l].to(getattr(torch, cfg.dtype)).contiguous().cpu(), "count": torch.tensor(n)}, tmp)
-            tmp.replace(path[l])
-        (folder / "config.json").write_text(json.dumps({**ident, "tokens": n}, indent=2))
+        if dist.rank() == 0:  # computed in shards by every rank, cached once
+            folder.mkdir(parents=True, exist_ok=True)
+            for l in missing:
+                tmp = path[l].with_suffix(".tmp")
+                save_file({"mom2": C[l].to(getattr(torch, cfg.dtype)).contiguous().cpu(), "count": torch.tensor(n)}, tmp)
+                tmp.replace(path[l])
+            (folder / "config.json").write_text(json.dumps({**ident, "tokens": n}, indent=2))
+        dist.barrier()
     dev = next(model.parameters()).device
     return {l: load_file(path[l])["mom2"].to(dev, torch.float64) for l in layers}
