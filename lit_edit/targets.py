@@ -93,6 +93,36 @@ class TargetResult:
     history: list[float]  # mean loss of the active requests per iteration
 
 
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(label)`` at every scored position (``labels >= 0``) of ``logits`` [B, T, V], in ``dtype``,
+    flattened in row-major order, and the row of each (for per-row sums with ``index_add``)."""
+    scored = labels >= 0
+    logp = torch.log_softmax(logits[scored].to(dtype), dim=-1).gather(1, labels[scored][:, None])[:, 0]
+    return logp, scored.nonzero()[:, 0]
+
+
+@torch.no_grad()
+def adam_rows(delta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, steps: torch.Tensor,
+              rows: torch.Tensor, lr: float, max_norm: torch.Tensor | None = None,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One ``torch.optim.Adam`` step (default betas/eps, no weight decay) taken independently by each selected
+    row of ``delta`` (``rows``: bool mask), i.e. per-request Adam state ``m``, ``v``, ``steps`` (updated in
+    place). With ``max_norm`` ([n_selected, 1]) each stepped row is then rescaled onto the sphere of that
+    radius if it left the ball (the §2.8 clamp)."""
+    b1, b2 = betas
+    a, g, dt = rows, grad, delta.dtype
+    steps[a] += 1
+    m[a] = b1 * m[a] + (1 - b1) * g[a]
+    v[a] = b2 * v[a] + (1 - b2) * g[a] * g[a]
+    t = steps[a].double()[:, None]
+    bc1, bc2 = (1 - b1**t).to(dt), (1 - b2**t).to(dt)
+    denom = (v[a].sqrt() / bc2.sqrt()) + eps
+    delta[a] -= (lr / bc1) * m[a] / denom
+    if max_norm is not None:
+        norm = delta[a].norm(dim=-1, keepdim=True)
+        delta[a] = torch.where(norm > max_norm, delta[a] * max_norm / norm, delta[a])
+
+
 def request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, delta: torch.Tensor,
                    kl_ref: torch.Tensor | None, cfg: TargetConfig, record: dict | None):
     """Per-request NLL (token-averaged over the rewriting prompts) and KL on the KL prompt at its fact token,
@@ -116,8 +146,7 @@ def request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, 
     n = delta.shape[0]
     labels = batch.labels[rows, :width].to(dev)
     scored = labels >= 0
-    logp = torch.log_softmax(logits[scored].to(delta.dtype), dim=-1).gather(1, labels[scored][:, None])[:, 0]
-    row_of = ar[:, None].expand_as(labels)[scored]
+    logp, row_of = label_logprobs(logits, labels, delta.dtype)
     row_nll = torch.zeros(len(rows), device=dev, dtype=dt).index_add(0, row_of, -logp)
     row_nll = row_nll / scored.sum(1).clamp(min=1)
     rew = kind != 2
@@ -154,7 +183,6 @@ def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetC
     loss = torch.zeros(n, device=dev, dtype=dt)
     nll_out = torch.zeros(n, device=dev, dtype=dt)
     history: list[float] = []
-    b1, b2, eps = 0.9, 0.999, 1e-8
     chunk = cfg.chunk_size or n
 
     for it in range(cfg.v_num_grad_steps):
@@ -184,20 +212,9 @@ def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetC
         active &= ~(loss < cfg.early_stop_loss)  # §2.8: stop a request once its loss is below the threshold
         if it == cfg.v_num_grad_steps - 1 or not active.any():
             break
-        with torch.no_grad():
-            a = active
-            g = delta.grad
-            steps[a] += 1
-            m[a] = b1 * m[a] + (1 - b1) * g[a]
-            v[a] = b2 * v[a] + (1 - b2) * g[a] * g[a]
-            t = steps[a].double()[:, None]
-            bc1, bc2 = (1 - b1**t).to(dt), (1 - b2**t).to(dt)
-            denom = (v[a].sqrt() / bc2.sqrt()) + eps
-            delta[a] -= (cfg.v_lr / bc1) * m[a] / denom
-            # clamp: ‖δ‖ ≤ clamp_norm_factor · ‖h_init‖ (rescale onto the sphere)
-            max_norm = cfg.clamp_norm_factor * h_init[a].norm(dim=-1, keepdim=True)
-            norm = delta[a].norm(dim=-1, keepdim=True)
-            delta[a] = torch.where(norm > max_norm, delta[a] * max_norm / norm, delta[a])
+        # clamp: ‖δ‖ ≤ clamp_norm_factor · ‖h_init‖ (rescale onto the sphere)
+        adam_rows(delta, delta.grad, m, v, steps, active, cfg.v_lr,
+                  cfg.clamp_norm_factor * h_init[active].norm(dim=-1, keepdim=True))
 
     delta = delta.detach()
     return TargetResult(h_init + delta, h_init, delta, loss, nll_out, steps.cpu(), history)

@@ -1,0 +1,509 @@
+"""Memory targets for unstructured edits: One-for-All, AnyEdit windows and μKE (Matryoshka) (ALGORITHMS.md §8;
+μKE paper Eq. 2, 4, 10–12).
+
+An unstructured request is a question X (already in the chat template) and a long answer Y of T tokens. Y is
+cut into N windows Y_0 … Y_{N−1} of W tokens (:func:`split_windows`); window w owns a *working memory*: the
+output of block L = layers[-1] at the token just before the window, ``p_w = Q − 1 + start_w`` (§8.1), to which
+a shift δ_w is added. Windows are optimised in order w = 0, 1, …; the shifts of earlier windows stay
+(frozen) in every later forward. The three methods differ only in the loss of window w:
+
+* ``one_for_all`` (paper Eq. 2): a single window = the whole answer, memory at the last question token;
+* ``anyedit`` (Eq. 4): input X ⧺ Y_{<end_w} (growing), NLL of window w's tokens averaged over |Y_w|;
+* ``muke`` (Eq. 10–11): input X ⧺ Y (always the full sequence), NLL of every token from start_w on, token j
+  of window k weighted by c_j = Σ_{m≥k} λ_{w,m} / (N − w) (:func:`matryoshka_token_weights`), the sum divided
+  by n_w = T − start_w (as the reference code does, §8.2). λ = 1 (``matryoshka``) or λ_{w,m} = 2 − a(w, m)
+  with the gradient affinity a of Eq. 12 (``context-affinity``, :func:`compute_affinities`).
+
+Each δ_w is optimised as §2 without the KL term: Adam (lr 0.5), loss + v_weight_decay · ‖δ‖ / ‖h_init‖²,
+clamp ‖δ‖ ≤ c · ‖h_init‖ after each step, early stop below ``early_stop_loss``, and the last iteration never
+steps. The result is z_w = h_init + δ_w.
+
+Several requests are optimised at once: at step w every request that still has a window w contributes one
+right-padded row with its own δ, Adam state, clamp and early stop; rows never interact (causal attention,
+right padding), so a batch gives the same z as each request alone (tested).
+
+For the closed-form write (§8.5, MEMIT layer loop) :func:`compute_window_keys` returns one key column per
+window (request-then-window order) and optionally the preservation keys at all other real positions, and
+:func:`compute_window_states` the current block-L outputs at the memory positions (H_L in R = (Z − H_L)/(m − i)).
+
+Token ids: the model input is always the question ids ⧺ answer ids tokenised *separately*, so every memory
+position is exact by construction; :func:`tokenize_unstructured` checks whether tokenising the joined string
+gives the same ids (§8.5 ⚠) and either records the mismatch (default, the separate ids are used) or raises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lit_edit.hooks import capture_inputs, capture_outputs, rewrite_output
+from lit_edit.layouts import block_module, edited_module
+from lit_edit.targets import adam_rows, hidden_size, label_logprobs, opt_dtype
+from lit_edit.tokens import bos_ids, encode, pad_batch, pad_id
+
+METHODS = ("one_for_all", "anyedit", "muke")
+COEFFICIENTS = ("matryoshka", "context-affinity")
+PAIRINGS = ("paper", "legacy")
+ON_MISMATCH = ("separate", "error")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# windows and tokens (§8.1)
+
+def split_windows(T: int, W: int) -> list[tuple[int, int]]:
+    """Windows ``(start, end)`` over T target tokens: starts 0, W, 2W, …, ``end = min(start + W, T)``; the last
+    window may be short (§8.1; overlap 0). N = ⌈T / W⌉ windows."""
+    for name, x in (("T", T), ("W", W)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise ValueError(f"split_windows: {name} must be an integer >= 1, got {x!r}")
+    return [(s, min(s + W, T)) for s in range(0, T, W)]
+
+
+def memory_positions(Q: int, windows: list[tuple[int, int]]) -> list[int]:
+    """Memory position of window w: ``Q − 1 + start_w``, the input token just before the window (the last
+    question token for w = 0) in the input question ⧺ target (§8.1)."""
+    return [Q - 1 + s for s, _ in windows]
+
+
+def _check_windows(windows, T: int) -> None:
+    if not windows or windows[0][0] != 0 or windows[-1][1] != T:
+        raise ValueError(f"windows {list(windows)} must cover the {T} target tokens from 0")
+    for (s, e), (s2, _) in zip(windows, list(windows[1:]) + [(T, None)]):
+        if not s < e == s2:
+            raise ValueError(f"windows {list(windows)} must be non-empty, contiguous and in order")
+
+
+@dataclass(frozen=True)
+class UnstructuredRequest:
+    """One tokenised unstructured edit: question ids Q (with the tokenizer's BOS), target ids T (the answer, no
+    BOS) and its windows. Target token j is predicted at input position ``Q − 1 + j``."""
+
+    question_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    windows: tuple[tuple[int, int], ...]
+    joint_matches: bool = True  # does tokenising question + answer jointly give the same ids (§8.5 ⚠)?
+
+    def __post_init__(self):
+        if len(self.question_ids) < 1:
+            raise ValueError("the question must have at least one token (the first memory is its last token)")
+        if len(self.target_ids) < 1:
+            raise ValueError("the answer must have at least one token")
+        _check_windows(self.windows, len(self.target_ids))
+
+    @property
+    def Q(self) -> int:
+        return len(self.question_ids)
+
+    @property
+    def T(self) -> int:
+        return len(self.target_ids)
+
+    @property
+    def N(self) -> int:
+        return len(self.windows)
+
+    @property
+    def input_ids(self) -> list[int]:
+        """question ⧺ target minus its last token (length Q + T − 1): the teacher-forced model input."""
+        return list(self.question_ids) + list(self.target_ids[:-1])
+
+    @property
+    def full_ids(self) -> list[int]:
+        """question ⧺ target (length Q + T): the sequence the keys are read from (§8.5)."""
+        return list(self.question_ids) + list(self.target_ids)
+
+    @property
+    def positions(self) -> list[int]:
+        return memory_positions(self.Q, list(self.windows))
+
+
+def tokenize_unstructured(tok, question: str, answer: str, window_size: int | None = None,
+                          on_mismatch: str = "separate") -> UnstructuredRequest:
+    """Tokenise an unstructured request (§8.1): question ids = BOS (if the tokenizer adds one) ⧺ question
+    tokens; target ids = answer tokens without any added BOS (the reference tokenises with special tokens and
+    drops the leading BOS, which is the same); windows of ``window_size`` tokens (None: one window, One-for-All).
+
+    §8.5 ⚠: the reference reads keys from question + answer tokenised *jointly*; BPE merges across the
+    boundary (or a tokenizer that prefixes a space) would shift every position. Here the model input is always
+    the separate ids concatenated, so the positions are exact for any tokenizer. ``joint_matches`` records
+    whether the joint tokenisation agrees; ``on_mismatch="error"`` raises instead when it does not.
+    """
+    if on_mismatch not in ON_MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+    bos = bos_ids(tok)
+    q = bos + encode(tok, question)
+    t = encode(tok, answer)
+    if not t:
+        raise ValueError(f"the answer {answer!r} tokenises to no tokens")
+    joint = bos + encode(tok, question + answer)
+    matches = joint == q + t
+    if not matches and on_mismatch == "error":
+        i = next((k for k, (a, b) in enumerate(zip(joint, q + t)) if a != b), min(len(joint), len(q + t)))
+        raise ValueError(
+            f"question + answer tokenised jointly differs from the separate tokenisations at token {i} "
+            f"(question has {len(q)} tokens): joint {joint[max(0, i - 2):i + 3]} vs separate "
+            f"{(q + t)[max(0, i - 2):i + 3]}; memory positions would shift. Use on_mismatch='separate' to run "
+            f"on the separately tokenised ids, or change the question/answer boundary (e.g. a leading space).")
+    T = len(t)
+    windows = split_windows(T, T if window_size is None else window_size)
+    return UnstructuredRequest(tuple(q), tuple(t), tuple(windows), matches)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Matryoshka coefficients (§8.3; Eq. 10–12)
+
+def affinity_lambdas(affinity_row, pairing: str = "paper") -> list[float]:
+    """Figure weights λ_{w,m} (m = w … N−1) from the affinity row ``[a(w,w) = 1, a(w,w+1), …, a(w,N−1)]``.
+
+    ``paper`` (Eq. 12): λ_{w,m} = 2 − a(w, m). ``legacy`` (the reference code, §8.3 ⚠): the figures are walked
+    from the longest while the affinities are walked from the start, so the figure ending at window m gets
+    2 − a(w, w + N − 1 − m): the full figure gets 1, the single-window figure 2 − a(w, N−1).
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"affinity pairing must be one of {PAIRINGS}, got {pairing!r}")
+    a = [float(x) for x in affinity_row]
+    if not a:
+        raise ValueError("empty affinity row")
+    if pairing == "legacy":
+        a = a[::-1]
+    return [2.0 - x for x in a]
+
+
+def matryoshka_token_weights(windows, w: int, lam=None) -> torch.Tensor:
+    """Per-target-token coefficients c_j (float64, length T) of window w's Matryoshka loss.
+
+    Eq. 10: L_μ(δ_w) = −1/(N − w) · Σ_{m=w}^{N−1} λ_{w,m} log P(F_{w,m}), figure F_{w,m} = (Y_w … Y_m); regrouped
+    per window (Eq. 11) a token of window k ≥ w gets c = Σ_{m=k}^{N−1} λ_{w,m} / (N − w); tokens before start_w
+    get 0. ``lam`` = [λ_{w,w}, …, λ_{w,N−1}]; None is the constant variant λ = 1, c = (N − k)/(N − w).
+    (The loss then divides Σ_j c_j (−log p_j) by n_w = T − start_w, §8.2.)
+    """
+    windows = [tuple(x) for x in windows]
+    N = len(windows)
+    _check_windows(windows, windows[-1][1] if windows else 1)
+    if not 0 <= w < N:
+        raise ValueError(f"window {w} out of range for {N} windows")
+    lam = [1.0] * (N - w) if lam is None else [float(x) for x in lam]
+    if len(lam) != N - w:
+        raise ValueError(f"need N − w = {N - w} figure weights λ_{{w,w..N−1}}, got {len(lam)}")
+    c = torch.zeros(windows[-1][1], dtype=torch.float64)
+    tail = 0.0
+    for k in range(N - 1, w - 1, -1):  # Eq. 11: the coefficient of window k is the sum of λ over figures m ≥ k
+        tail += lam[k - w]
+        s, e = windows[k]
+        c[s:e] = tail / (N - w)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batched per-window optimisation (§8.2, §8.4)
+
+@dataclass
+class WindowConfig:
+    """§8.2/§8.4 hyper-parameters; defaults = MUKE ``MEMIT_Mat`` on Llama-3-8B-Instruct (§10.4)."""
+
+    method: str = "muke"  # "one_for_all" | "anyedit" | "muke"
+    window_size: int = 30  # W (ignored by one_for_all)
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    clamp_norm_factor: float = 4.0
+    v_weight_decay: float = 1e-3
+    early_stop_loss: float = 1e-2
+    coefficients: str = "context-affinity"  # μKE λ: "matryoshka" (λ = 1) | "context-affinity" (2 − a, Eq. 12)
+    affinity_pairing: str = "paper"  # "paper" | "legacy" (the reference code's reversed pairing, §8.3 ⚠)
+    affinity_steps: int = 3  # T_aff
+    on_mismatch: str = "separate"  # joint vs separate tokenisation, see tokenize_unstructured
+
+    def __post_init__(self):
+        for name, value, allowed in (("method", self.method, METHODS), ("coefficients", self.coefficients, COEFFICIENTS),
+                                     ("affinity_pairing", self.affinity_pairing, PAIRINGS),
+                                     ("on_mismatch", self.on_mismatch, ON_MISMATCH)):
+            if value not in allowed:
+                raise ValueError(f"WindowConfig.{name} must be one of {allowed}, got {value!r}")
+        for name in ("window_size", "v_num_grad_steps", "affinity_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"WindowConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class _Rows:
+    """One right-padded row per request taking part in a window step."""
+
+    ids: torch.Tensor  # [B, S]
+    mask: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S] target id at scored positions, -100 elsewhere
+    weights: torch.Tensor  # [B, S] per-token coefficient c_j (0 elsewhere)
+    window: torch.Tensor  # [B, S] window index of the scored token (-1 elsewhere)
+    norm: torch.Tensor  # [B] divisor of the weighted NLL
+    pos: torch.Tensor  # [B] memory position of the window being optimised
+    fr_row: torch.Tensor  # [F] frozen earlier deltas: row, position, vector
+    fr_pos: torch.Tensor
+    fr_vec: torch.Tensor  # [F, d]
+
+
+def _build_rows(requests, idx, w, method, lam, frozen, pad, dev, dt, d) -> _Rows:
+    """Rows of the requests ``idx`` for window w. ``method``: "anyedit"/"one_for_all" (input up to the window's
+    end, labels on the window, weight 1, divisor |Y_w|), "muke" (full input, labels from start_w on with the
+    Matryoshka weights of ``lam[i]``, divisor n_w = T − start_w), or "figures" (full input, labels from start_w
+    on, for the affinity figures). ``frozen[i]`` = δ_0 … δ_{w−1} of request i (re-added, no gradient)."""
+    seqs, labs, wts, wins, norm, pos, fr = [], [], [], [], [], [], ([], [], [])
+    for b, i in enumerate(idx):
+        r = requests[i]
+        s, e = r.windows[w]
+        if method in ("anyedit", "one_for_all"):
+            ids, last, c, n = r.input_ids[: r.Q - 1 + e], e, torch.ones(e - s, dtype=torch.float64), e - s
+        else:
+            ids, last, n = r.input_ids, r.T, r.T - s
+            c = matryoshka_token_weights(r.windows, w, lam[i])[s:] if method == "muke" else torch.ones(r.T - s)
+        lab = torch.full((len(ids),), -100, dtype=torch.long)
+        lab[r.Q - 1 + s: r.Q - 1 + last] = torch.tensor(r.target_ids[s:last])
+        wt = torch.zeros(len(ids), dtype=torch.float64)
+        wt[r.Q - 1 + s: r.Q - 1 + last] = c
+        win = torch.full((len(ids),), -1, dtype=torch.long)
+        for k, (ks, ke) in enumerate(r.windows[w:], start=w):
+            win[r.Q - 1 + ks: r.Q - 1 + min(ke, last)] = k
+        seqs.append(ids), labs.append(lab), wts.append(wt), wins.append(win), norm.append(n), pos.append(r.positions[w])
+        for j, d_j in enumerate(frozen[i][:w]):
+            fr[0].append(b), fr[1].append(r.positions[j]), fr[2].append(d_j)
+    ids, mask = pad_batch(seqs, pad)
+
+    def padded(rows, fill, dtype):
+        out = torch.full(ids.shape, fill, dtype=dtype)
+        for b, x in enumerate(rows):
+            out[b, : len(x)] = x
+        return out.to(dev)
+
+    long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+    return _Rows(ids.to(dev), mask.to(dev), padded(labs, -100, torch.long), padded(wts, 0.0, dt), padded(wins, -1, torch.long),
+                 torch.tensor(norm, dtype=dt, device=dev), long(pos), long(fr[0]), long(fr[1]),
+                 torch.stack(fr[2]).to(device=dev, dtype=dt) if fr[2] else torch.zeros(0, d, device=dev, dtype=dt))
+
+
+def _forward(model, block, rows: _Rows, sel: torch.Tensor, delta: torch.Tensor, record: dict | None):
+    """Logits of rows ``sel`` (trimmed to their width) with the frozen earlier deltas and ``delta[sel]`` added
+    to ``block``'s output at the memory positions; ``record["h"]`` gets h_init = the block output at the
+    memory position before any δ (earlier windows' δ do not change block L's own output)."""
+    width = int(rows.mask[sel].sum(1).max())
+    remap = torch.full((rows.ids.shape[0],), -1, dtype=torch.long, device=sel.device)
+    remap[sel] = torch.arange(len(sel), device=sel.device)
+    keep = remap[rows.fr_row] >= 0
+    fb, fp, fv = remap[rows.fr_row[keep]], rows.fr_pos[keep], rows.fr_vec[keep]
+    ar, pos = torch.arange(len(sel), device=sel.device), rows.pos[sel]
+
+    def add(h):
+        if record is not None:
+            record["h"] = h[ar, pos].detach().to(delta.dtype)
+        if len(fb):
+            h = h.index_put((fb, fp), fv.to(h.dtype), accumulate=True)
+        return h.index_put((ar, pos), delta[sel].to(h.dtype), accumulate=True)
+
+    with rewrite_output(block, add):
+        return model(input_ids=rows.ids[sel, :width], attention_mask=rows.mask[sel, :width]).logits
+
+
+def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, norm: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Per row ``−Σ_j c_j log p(y_j) / n``: Eq. 4 (AnyEdit, c = 1, n = |Y_w|), Eq. 2 (One-for-All, one window)
+    or Eq. 11 (μKE, c = Matryoshka coefficients, n = n_w). ``labels`` −100 = not scored."""
+    logp, row_of = label_logprobs(logits, labels[:, : logits.shape[1]], dtype)
+    c = weights[:, : logits.shape[1]][labels[:, : logits.shape[1]] >= 0].to(dtype)
+    out = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device).index_add(0, row_of, -c * logp)
+    return out / norm
+
+
+def _wd(cfg: WindowConfig, delta: torch.Tensor, h_init: torch.Tensor) -> torch.Tensor:
+    # §2.6 / §8.2: v_weight_decay · ‖δ‖ / ‖h_init‖² (unsquared ‖δ‖, §12.3)
+    return cfg.v_weight_decay * delta.norm(dim=-1) / h_init.norm(dim=-1).pow(2).clamp(min=1e-12)
+
+
+def _optimise_rows(model, block, rows: _Rows, cfg: WindowConfig, d: int):
+    """The §2 loop without KL for one window step: per-row Adam, clamp, early stop, last iteration no step."""
+    B, dev, dt = rows.ids.shape[0], rows.ids.device, rows.norm.dtype
+    delta = torch.zeros(B, d, device=dev, dtype=dt, requires_grad=True)
+    m, v = torch.zeros(B, d, device=dev, dtype=dt), torch.zeros(B, d, device=dev, dtype=dt)
+    steps = torch.zeros(B, dtype=torch.long, device=dev)
+    h_init = torch.zeros(B, d, device=dev, dtype=dt)
+    loss, nll_out = torch.zeros(B, device=dev, dtype=dt), torch.zeros(B, device=dev, dtype=dt)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    last = cfg.v_num_grad_steps - 1
+    for it in range(cfg.v_num_grad_steps):
+        sel = active.nonzero()[:, 0]
+        delta.grad = None
+        record = {} if it == 0 else None
+        logits = _forward(model, block, rows, sel, delta, record)
+        if record is not None:
+            h_init[sel] = record["h"]
+        nll = weighted_nll(logits, rows.labels[sel], rows.weights[sel], rows.norm[sel], dt)
+        total = nll + _wd(cfg, delta[sel], h_init[sel])
+        loss[sel], nll_out[sel] = total.detach(), nll.detach()
+        if it < last:
+            total.sum().backward()
+        active &= ~(loss < cfg.early_stop_loss)  # §8.2 early stop, per request
+        if it == last or not active.any():
+            break
+        adam_rows(delta, delta.grad, m, v, steps, active, cfg.v_lr,
+                  cfg.clamp_norm_factor * h_init[active].norm(dim=-1, keepdim=True))  # clamp c · ‖h_init‖
+    return delta.detach(), h_init, loss, nll_out, steps
+
+
+def compute_affinities(model, layout, layer: int, requests: list[UnstructuredRequest], cfg: WindowConfig,
+                       pad: int = 0) -> list[list[list[float]]]:
+    """Eq. 12 affinities, batched over requests: ``out[i][w] = [1, a(w,w+1), …, a(w,N−1)]`` (``[1]`` for the last
+    window). For query window w (no earlier deltas, §8.4): a fresh δ at p_w takes ``affinity_steps`` Adam steps
+    (lr v_lr, no clamp, no early stop) on window w's NLL (+ weight decay); before each step t, with state δ^t,
+    g_m^t = ∇_δ [NLL of figure F_{w,m} (tokens start_w … end_m − 1, mean) + wd] for every m ≥ w, and
+    a(w, m) = (1/T_aff) Σ_t cos(g_w^t, g_m^t)."""
+    block = block_module(model, layout, layer)
+    dev, dt, d = next(model.parameters()).device, opt_dtype(model), hidden_size(model)
+    out = [[None] * (r.N - 1) + [[1.0]] for r in requests]
+    no_frozen = [[] for _ in requests]
+    for w in range(max(r.N for r in requests) - 1):
+        idx = [i for i, r in enumerate(requests) if r.N - 1 > w]
+        rows = _build_rows(requests, idx, w, "figures", None, no_frozen, pad, dev, dt, d)
+        B = len(idx)
+        n_fig = torch.tensor([requests[i].N - w for i in idx], device=dev)  # figures m = w … N−1
+        delta = torch.zeros(B, d, device=dev, dtype=dt, requires_grad=True)
+        m_, v_ = torch.zeros(B, d, device=dev, dtype=dt), torch.zeros(B, d, device=dev, dtype=dt)
+        steps = torch.zeros(B, dtype=torch.long, device=dev)
+        all_rows = torch.ones(B, dtype=torch.bool, device=dev)
+        sel = torch.arange(B, device=dev)
+        cos = torch.zeros(B, int(n_fig.max()), device=dev, dtype=dt)
+        h_init = None
+        for t in range(cfg.affinity_steps):
+            record = {} if t == 0 else None
+            logits = _forward(model, block, rows, sel, delta, record)
+            if record is not None:
+                h_init = record["h"]
+            wd = _wd(cfg, delta, h_init)
+            grads = []
+            for k in range(int(n_fig.max())):  # figure F_{w,w+k}: tokens of windows w … w+k, uniform weights
+                in_fig = (rows.window >= 0) & (rows.window <= w + k)
+                labels = torch.where(in_fig, rows.labels, -100)
+                nll = weighted_nll(logits, labels, in_fig.to(dt), in_fig.sum(1).clamp(min=1).to(dt), dt)
+                has = n_fig > k
+                g, = torch.autograd.grad((nll + wd)[has].sum(), delta, retain_graph=True)
+                grads.append(g)
+            g_q = grads[0]  # the query figure is window w alone
+            for k, g in enumerate(grads):
+                cos[:, k] += (g_q * g).sum(-1) / (g_q.norm(dim=-1) * g.norm(dim=-1)).clamp(min=1e-30)
+            if t < cfg.affinity_steps - 1:  # δ^{t+1}; the state after the last step is never used
+                adam_rows(delta, g_q, m_, v_, steps, all_rows, cfg.v_lr, None)
+        a = (cos / cfg.affinity_steps).cpu()
+        for b, i in enumerate(idx):
+            out[i][w] = [1.0] + a[b, 1: requests[i].N - w].tolist()
+    return out
+
+
+@dataclass
+class WindowTargets:
+    """Targets of one request: one row per window."""
+
+    z: torch.Tensor  # [N, d] = h_init + δ (block-L output at the memory position, shifted)
+    h_init: torch.Tensor  # [N, d]
+    delta: torch.Tensor  # [N, d]
+    positions: list[int]  # memory positions Q − 1 + start_w
+    windows: list[tuple[int, int]]
+    loss: torch.Tensor  # [N] loss (NLL + wd) at the last evaluated iteration of each window
+    nll: torch.Tensor  # [N]
+    steps: torch.Tensor  # [N] Adam updates taken
+    lam: list[list[float]] | None = None  # μKE figure weights λ_{w, w..N−1} per window (None: not μKE)
+    affinity: list[list[float]] | None = None  # [1, a(w,w+1), …] per window (context-affinity only)
+
+
+def optimise_windows(model, layout, layer: int, requests: list[UnstructuredRequest], cfg: WindowConfig,
+                     affinities: list[list[list[float]]] | None = None, pad: int = 0) -> list[WindowTargets]:
+    """§8.2 for a batch of requests: windows in order w = 0, 1, …; at step w every request with a window w
+    optimises its own δ_w in one batched forward, with its δ_0 … δ_{w−1} re-added (frozen). ``layer`` is
+    z_layer = layers[-1]. For ``muke`` with ``context-affinity``, ``affinities`` (from
+    :func:`compute_affinities`, e.g. cached) are computed when not given."""
+    if not requests:
+        return []
+    if cfg.method == "one_for_all" and any(r.N != 1 for r in requests):
+        raise ValueError("one_for_all needs one window per request (tokenize_unstructured(..., window_size=None))")
+    lam_rows = None
+    if cfg.method == "muke":
+        if cfg.coefficients == "context-affinity":
+            if affinities is None:
+                affinities = compute_affinities(model, layout, layer, requests, cfg, pad)
+            if [len(a) for a in affinities] != [r.N for r in requests]:
+                raise ValueError("affinities must have one row per window of every request")
+            lam_rows = [[affinity_lambdas(row, cfg.affinity_pairing) for row in a] for a in affinities]
+        else:
+            lam_rows = [[[1.0] * (r.N - w) for w in range(r.N)] for r in requests]
+    block = block_module(model, layout, layer)
+    dev, dt, d = next(model.parameters()).device, opt_dtype(model), hidden_size(model)
+    res = {k: [[] for _ in requests] for k in ("delta", "h", "loss", "nll", "steps")}
+    for w in range(max(r.N for r in requests)):
+        idx = [i for i, r in enumerate(requests) if r.N > w]
+        lam_w = {i: lam_rows[i][w] for i in idx} if lam_rows is not None else None
+        rows = _build_rows(requests, idx, w, cfg.method, lam_w, res["delta"], pad, dev, dt, d)
+        delta, h, loss, nll, steps = _optimise_rows(model, block, rows, cfg, d)
+        for b, i in enumerate(idx):
+            for k, x in (("delta", delta), ("h", h), ("loss", loss), ("nll", nll), ("steps", steps)):
+                res[k][i].append(x[b])
+    out = []
+    for i, r in enumerate(requests):
+        delta, h = torch.stack(res["delta"][i]), torch.stack(res["h"][i])
+        out.append(WindowTargets(h + delta, h, delta, r.positions, list(r.windows), torch.stack(res["loss"][i]),
+                                 torch.stack(res["nll"][i]), torch.stack(res["steps"][i]).cpu(),
+                                 lam_rows[i] if lam_rows is not None else None,
+                                 affinities[i] if affinities is not None and cfg.method == "muke" else None))
+    return out
+
+
+def compute_window_targets(model, tok, layout, layer: int, questions: list[str], answers: list[str],
+                           cfg: WindowConfig) -> tuple[list[UnstructuredRequest], list[WindowTargets]]:
+    """Tokenise (:func:`tokenize_unstructured`, W = ``cfg.window_size``, one window for one_for_all) and optimise."""
+    W = None if cfg.method == "one_for_all" else cfg.window_size
+    reqs = [tokenize_unstructured(tok, q, a, W, cfg.on_mismatch) for q, a in zip(questions, answers, strict=True)]
+    return reqs, optimise_windows(model, layout, layer, reqs, cfg, pad=pad_id(tok))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# keys and states for the batch update (§8.5)
+
+@dataclass
+class WindowKeys:
+    K: torch.Tensor  # [d_in, Σ_r N_r]: the edited module's input at each memory position, request-then-window
+    columns: list[tuple[int, int]]  # (request, window) of each column of K
+    K_p: torch.Tensor | None = None  # [d_in, n_p]: the inputs at every other real position (preservation keys)
+
+
+def _gather(model, requests, capture, pad: int, chunk: int, preservation: bool):
+    """Run the question ⧺ target sequences (right padded, in chunks) and gather the captured tensor at every
+    memory position (request-then-window) and, optionally, at all other real positions."""
+    dev = next(model.parameters()).device
+    mem, rest = [], []
+    for c in range(0, len(requests), chunk):
+        part = requests[c: c + chunk]
+        ids, mask = pad_batch([r.full_ids for r in part], pad)
+        with capture() as store, torch.no_grad():
+            model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+        (x,) = store.values()
+        x = x[0]
+        x = x if x.dtype == torch.float64 else x.float()
+        is_mem = torch.zeros(ids.shape, dtype=torch.bool)
+        for b, r in enumerate(part):
+            is_mem[b, r.positions] = True
+            mem.append(x[b, torch.tensor(r.positions, device=x.device)])
+        if preservation:
+            rest.append(x[((mask == 1) & ~is_mem).to(x.device)])
+    return torch.cat(mem), (torch.cat(rest) if preservation else None)
+
+
+def compute_window_keys(model, layout, layer: int, requests: list[UnstructuredRequest], preservation: bool = False,
+                        pad: int = 0, chunk: int = 16) -> WindowKeys:
+    """§8.5 keys at ``layer``: one column per window of every request (the input of the edited matrix at the
+    memory position in question ⧺ answer), and with ``preservation`` the preservation keys K_p at all other
+    real (non-padding) positions of the same sequences, row-major (request, position)."""
+    mods = {layer: edited_module(model, layout, layer)}
+    K, K_p = _gather(model, requests, lambda: capture_inputs(mods), pad, chunk, preservation)
+    cols = [(i, w) for i, r in enumerate(requests) for w in range(r.N)]
+    return WindowKeys(K.T.contiguous(), cols, K_p.T.contiguous() if K_p is not None else None)
+
+
+def compute_window_states(model, layout, layer: int, requests: list[UnstructuredRequest], pad: int = 0,
+                          chunk: int = 16) -> torch.Tensor:
+    """[Σ_r N_r, d]: block-``layer`` output at every memory position (request-then-window), current model —
+    H_L of the residual R = (Z − H_L)/(m − i) in the §4 layer loop."""
+    blocks = {layer: block_module(model, layout, layer)}
+    return _gather(model, requests, lambda: capture_outputs(blocks), pad, chunk, False)[0]
