@@ -7,6 +7,7 @@ writes to the world cache.
 from __future__ import annotations
 
 import collections
+import math
 import copy
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
@@ -381,3 +383,198 @@ def test_world_long_fits_the_context_and_reads(tmp_path):
     requests = read_requests("world_long", "world:tiny", limit=5)
     assert [r.case_id for r in requests] == [0, 1, 2, 3, 4]
     assert requests[0].question == free[0]["question"] and requests[0].original_answer
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def test_identical_text_scores_one_and_disjoint_zero():
+    from lit_edit.metrics import text_scores
+
+    text = "Anna Berk lives in the city of Paris and plays the violin."
+    assert text_scores([text], [text]) == {"bleu": [pytest.approx(1.0)], "rouge_l": [pytest.approx(1.0)]}
+    assert text_scores([text], [text], style="reference") == {"bleu": [pytest.approx(1.0)],
+                                                              "rouge_l": [pytest.approx(1.0)]}
+    assert text_scores(["one two three four"], ["five six seven eight"]) == {"bleu": [0.0], "rouge_l": [0.0]}
+
+
+def test_word_bleu_and_rouge_l_by_hand():
+    from lit_edit.metrics import bleu_scores, rouge_l_scores
+
+    # 1..4-gram precisions 5/6, 3/5, 2/4, 1/3 (the second "the" is clipped); equal lengths: no brevity penalty
+    assert bleu_scores(["the cat sat on the mat"], ["the cat sat on a mat"]) == [pytest.approx((1 / 12) ** 0.25, abs=1e-6)]
+    # brevity penalty exp(1 - r/c): a 4-word prefix of a 6-word reference has all precisions 1
+    assert bleu_scores(["the cat sat on"], ["the cat sat on a mat"]) == [pytest.approx(math.exp(1 - 6 / 4), abs=1e-6)]
+    # fewer than 4 words: no 4-gram, so unsmoothed BLEU is 0 even for identical texts
+    assert bleu_scores(["the cat"], ["the cat"]) == [0.0]
+    # LCS("the cat sat on the mat today", "the cat sat on a mat") = 5 words: P = 5/7, R = 5/6, F = 10/13
+    pred, ref = ["The cat sat on the mat today."], ["the cat sat on a mat"]  # lowercased, punctuation dropped
+    assert rouge_l_scores(pred, ref) == [pytest.approx(10 / 13, abs=1e-6)]
+    assert rouge_l_scores(pred, ref, stat="recall") == [pytest.approx(5 / 6, abs=1e-6)]
+    assert rouge_l_scores(pred, ref, stat="precision") == [pytest.approx(5 / 7, abs=1e-6)]
+
+
+def test_reference_char_level_bleu_by_hand():
+    """NLTK's sentence_bleu on raw strings: character n-grams, the space included."""
+    from lit_edit.metrics import bleu_scores, text_scores
+
+    # "the cap" vs "the cat": 7 characters each; 1..4-gram precisions 6/7, 5/6, 4/5, 3/4 -> BLEU = (3/7)^(1/4)
+    assert bleu_scores(["the cap"], ["the cat"], level="char") == [pytest.approx((3 / 7) ** 0.25, abs=1e-6)]
+    assert bleu_scores(["the cap"], ["the cat"], level="word") == [0.0]  # two words: no 4-gram
+    # whitespace counts as a character: "ab cd" vs "abcd": 1-grams 4/5, 2-grams "ab","cd" of 4 -> 2/4,
+    # 3-grams 0 of 3 -> 0
+    assert bleu_scores(["ab cd"], ["abcd"], level="char") == [0.0]
+    # brevity penalty on characters: "abcde" vs "abcdefgh": precisions 1, BP = exp(1 - 8/5)
+    assert bleu_scores(["abcde"], ["abcdefgh"], level="char") == [pytest.approx(math.exp(1 - 8 / 5), abs=1e-6)]
+    # the reference style appends a space to a prediction that has none (before scoring), and uses
+    # the rouge package's ROUGE-L recall: "abcdefgh " vs "abcdefgh" -> char BLEU with c = 9 > r = 8: the extra space costs
+    # precision (1-grams 8/9, 2-grams 7/8, 3-grams 6/7, 4-grams 5/6 -> (5/9)^(1/4))
+    scores = text_scores(["abcdefgh"], ["abcdefgh"], style="reference")
+    assert scores["bleu"] == [pytest.approx((5 / 9) ** 0.25, abs=1e-6)]
+    assert scores["rouge_l"] == [pytest.approx(1.0)]
+    assert text_scores(["abcdefgh"], ["abcdefgh"], style="reference", append_space=False)["bleu"] == [
+        pytest.approx(1.0)]
+    with pytest.raises(ValueError):
+        text_scores(["a"], ["a"], style="nltk")
+
+
+def test_reference_rouge_l_recall_by_hand():
+    """The rouge package's ROUGE-L recall (what the reference reports) vs torchmetrics' recall."""
+    from lit_edit.metrics import reference_rouge_l_recall, rouge_l_scores, text_scores
+
+    assert reference_rouge_l_recall("the cat sat on the mat today.", "the cat sat on a mat") == pytest.approx(5 / 6)
+    # sentences are cut at "." and matched pairwise (summary-level union LCS): swapped sentences
+    # still recall every reference word, while one LCS over the whole text finds only 2 of 4
+    assert reference_rouge_l_recall("c d. a b", "a b. c d.") == 1.0
+    assert rouge_l_scores(["c d. a b"], ["a b. c d."], stat="recall") == [pytest.approx(0.5)]
+    # distinct words: "a a b" has 2 distinct words, both recalled by "a b"
+    assert reference_rouge_l_recall("a b", "a a b") == 1.0
+    assert rouge_l_scores(["a b"], ["a a b"], stat="recall") == [pytest.approx(2 / 3)]
+    # case and punctuation are kept
+    assert reference_rouge_l_recall("paris ", "Paris") == 0.0
+    assert rouge_l_scores(["paris "], ["Paris"], stat="recall") == [pytest.approx(1.0)]
+    assert reference_rouge_l_recall("", "Paris") == 0.0
+    assert text_scores(["c d. a b"], ["a b. c d."], style="reference")["rouge_l"] == [1.0]
+    assert rouge_l_scores(["c d. a b"], ["a b. c d."], stat="reference_recall") == [1.0]
+
+
+def _chaotic_gpt2(tok, seed=0):
+    """A tiny random GPT-2 with large weights, so greedy continuations do not just repeat one token."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=64, n_head=4, n_positions=64, initializer_range=0.5,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval().requires_grad_(False).to(torch.float64)
+
+
+PROMPTS = ["Anna Berk lives in", "Tom", "Mira Voss speaks French. Ola Dunn plays the", "The city is", "Ola"]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("tokenizer_side", ["left", "right"])
+def test_greedy_generation_batched_equals_one_at_a_time(padding_side, tokenizer_side):
+    import torch
+
+    from lit_edit.metrics import generate_greedy
+
+    tok = tiny_tokenizer()
+    tok.padding_side = tokenizer_side  # ignored: generate_greedy pads itself
+    model = _chaotic_gpt2(tok)
+    limits = [7, 12, 5, 9, 3]
+    single = [generate_greedy(model, tok, [p], [n], stop_ids=set(), return_ids=True)[0] for p, n in zip(PROMPTS, limits)]
+    assert [len(s) for s in single] == limits and all(len(set(s)) > 1 for s in single[:4])
+    batched = generate_greedy(model, tok, PROMPTS, limits, batch_size=3, padding_side=padding_side, stop_ids=set(),
+                              return_ids=True)
+    assert batched == single
+
+    # ... and both equal a plain loop that re-runs the whole unpadded sequence for every token
+    from lit_edit.tokens import bos_ids, encode
+
+    for prompt, n, want in zip(PROMPTS, limits, single):
+        ids = bos_ids(tok) + encode(tok, prompt)
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert ids[-n:] == want
+    texts = generate_greedy(model, tok, PROMPTS, limits, batch_size=2, padding_side=padding_side, stop_ids=set())
+    assert texts == [tok.decode(s, skip_special_tokens=True).strip() for s in single]
+
+
+def test_greedy_generation_stops_at_a_stop_token():
+    from lit_edit.metrics import generate_greedy
+
+    tok = tiny_tokenizer()
+    model = _chaotic_gpt2(tok)
+    full = generate_greedy(model, tok, PROMPTS[:2], 12, stop_ids=set(), return_ids=True)
+    stop_token = full[0][4]
+    cut = generate_greedy(model, tok, PROMPTS[:2], 12, stop_ids={stop_token}, batch_size=2, return_ids=True)
+    assert cut[0] == full[0][: full[0].index(stop_token)]
+    assert cut[1] == (full[1][: full[1].index(stop_token)] if stop_token in full[1] else full[1])
+    with pytest.raises(ValueError, match="context"):
+        generate_greedy(model, tok, ["Tom"], 64)
+
+
+def test_unstructured_scores_on_a_tiny_model(capsys):
+    from lit_edit.metrics import generate_answers, score_generations, text_scores, unstructured_scores
+
+    tok = tiny_tokenizer()
+    model = _chaotic_gpt2(tok)
+    requests = [
+        UnstructuredRequest(1, "Anna Berk lives in", "the city of Paris. Tom Lund works as a baker.",
+                            paraphrase_questions=["Tom", "The city is"], source="unke"),
+        UnstructuredRequest(2, "Ola", "Dunn plays the violin.", source="editeverything", category="music"),
+    ]
+    gens = generate_answers(model, tok, requests, batch_size=2)
+    assert len(gens[0]["para"]) == 2 and gens[1]["para"] == []
+    scores = unstructured_scores(model, tok, requests, batch_size=2)
+    assert "BERTScore skipped" in capsys.readouterr().out
+    assert set(scores) == {"bleu", "rouge_l", "para.bleu", "para.rouge_l", "music.bleu", "music.rouge_l"}
+    by_text = text_scores([gens[0]["question"], gens[1]["question"]], [requests[0].answer, requests[1].answer])
+    assert scores["rouge_l"] == pytest.approx(sum(by_text["rouge_l"]) / 2)
+    para = text_scores(gens[0]["para"], [requests[0].answer] * 2)
+    assert scores["para.bleu"] == pytest.approx(sum(para["bleu"]) / 2)
+    assert scores["music.rouge_l"] == pytest.approx(by_text["rouge_l"][1])
+    # a generation equal to the answer scores 1
+    perfect = score_generations(requests[:1], [{"question": requests[0].answer, "para": [], "sub": []}])
+    assert perfect == [{"bleu": pytest.approx(1.0), "rouge_l": pytest.approx(1.0)}]
+    # a record that cannot be generated within the context names its case and field
+    long = UnstructuredRequest(9, "Tom", " ".join(["Tom Lund works as a baker."] * 12))
+    with pytest.raises(EditRequestError) as info:
+        unstructured_scores(model, tok, [long])
+    assert (info.value.case_id, info.value.field) == (9, "answer")
+
+
+def test_sub_question_rouge(tmp_path):
+    from lit_edit.metrics import score_generations
+
+    request = UnstructuredRequest(1, "Q?", "A long answer.", sub_questions=["s1", "s2"], sub_answers=["Paris", "red car"])
+    per = score_generations([request], [{"question": "A long answer.", "para": [], "sub": ["Paris", "car"]}],
+                            style="reference")
+    assert per[0]["sub.rouge_l"] == pytest.approx((1.0 + 0.5) / 2)  # recall per sub-answer, mean over them
+
+
+def test_bertscore_needs_a_local_model(tmp_path, capsys):
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from lit_edit.metrics import embedding_scores
+
+    assert embedding_scores(["a b"], ["a b"], None) is None
+    assert "no local scoring model" in capsys.readouterr().out
+    assert embedding_scores(["a b"], ["a b"], "sentence-transformers/all-MiniLM-L6-v2") is None  # never downloaded
+    assert "not a local model directory" in capsys.readouterr().out
+
+    words = "the cat sat on a mat dog ran in park today".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(tmp_path)
+    preds, refs = ["the cat sat on a mat", "the dog ran"], ["the cat sat on a mat", "a cat sat in the park today"]
+    for mode in ("cosine", "bertscore"):
+        same, other = embedding_scores(preds, refs, str(tmp_path), mode=mode)
+        assert same == pytest.approx(1.0, abs=1e-5) and other < 0.999
