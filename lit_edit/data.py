@@ -787,9 +787,12 @@ class EditDataModule(L.LightningDataModule):
     """The edit stream of a run: read once, batched in order, resumable mid-stream.
 
     Args:
-        dataset: reader name, a key of :data:`READERS` (``"counterfact"``, ``"zsre"``, ``"world"``).
+        dataset: reader name, a key of :data:`READERS` (``"counterfact"``, ``"zsre"``, ``"world"``;
+            unstructured: ``"unke"``, ``"akew"``, ``"editeverything"``, ``"world_long"``, whose
+            batches hold :class:`~lit_edit.requests.UnstructuredRequest`).
         path: local JSON/JSONL file or directory, hub id, or a world spec (``"world"``,
-            ``"world:tiny"``: the built-in synthetic fact world, generated on first use).
+            ``"world:tiny"``: the built-in synthetic fact world, generated on first use; for
+            ``"world_long"`` the long-form records are generated from the world's spec alone).
         split: dataset split.
         limit: number of requests in the stream (after ``offset``); ``None`` = all.
         batch_size: edits per training step.

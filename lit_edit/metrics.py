@@ -345,14 +345,15 @@ def text_scores(preds: list[str], refs: list[str], *, style: str | None = None, 
 
 def generate_answers(model, tok, requests, *, batch_size: int = 8, chat: bool = True, template: str | None = None,
                      max_new_tokens: int | None = None, padding_side: str = "left",
-                     sub_questions: bool = False) -> list[dict]:
+                     sub_questions: bool = False, stop_at_eos: bool = True) -> list[dict]:
     """Greedy answers of the model to each request's question, paraphrases (and sub-questions).
 
     Prompts are chat-wrapped with :func:`~lit_edit.requests.chat_prompt` when ``chat`` (plain
     text for a tokenizer without a chat template). Each generation gets as many new tokens as the
     text it is scored against (``answer``, or the sub-answer), unless ``max_new_tokens`` is given.
     A prompt that would not fit the model's context raises :class:`EditRequestError` naming the
-    record and field (see :func:`lit_edit.data.check_length`).
+    record and field (see :func:`lit_edit.data.check_length`). ``stop_at_eos=False`` always
+    generates the full length (a base model such as the fact world's ends its text with EOS).
     Returns one ``{"question": str, "para": [str], "sub": [str]}`` per request.
     """
     from lit_edit.requests import EditRequestError, chat_prompt
@@ -373,7 +374,8 @@ def generate_answers(model, tok, requests, *, batch_size: int = 8, chat: bool = 
                 raise EditRequestError(r.case_id, name, f"prompt + {n} generated tokens need {need} positions; the "
                                        f"model's context is {ctx} tokens")
             prompts.append(text), limits.append(n), where.append((k, kind))
-    texts = generate_greedy(model, tok, prompts, limits, batch_size=batch_size, padding_side=padding_side)
+    texts = generate_greedy(model, tok, prompts, limits, batch_size=batch_size, padding_side=padding_side,
+                            stop_ids=None if stop_at_eos else set())
     out = [{"question": "", "para": [], "sub": []} for _ in requests]
     for (k, kind), text in zip(where, texts):
         if kind == "question":
@@ -476,7 +478,7 @@ def unstructured_scores(model, tok, requests, *, batch_size: int = 8, chat: bool
                         template: str | None = None, max_new_tokens: int | None = None,
                         padding_side: str = "left", style: str | None = None, bleu_level: str | None = None,
                         rouge_stat: str | None = None, append_space: bool | None = None,
-                        sub_questions: bool = False, bertscore_model: str | None = None,
+                        sub_questions: bool = False, stop_at_eos: bool = True, bertscore_model: str | None = None,
                         bertscore_mode: str = "bertscore") -> dict[str, float]:
     """Generate greedily and score: ``{"bleu", "rouge_l", "para.bleu", "para.rouge_l", ...}``.
 
@@ -487,7 +489,8 @@ def unstructured_scores(model, tok, requests, *, batch_size: int = 8, chat: bool
     See the notes above :data:`UNSTRUCTURED_KEYS` for how this differs from the reference code.
     """
     gens = generate_answers(model, tok, requests, batch_size=batch_size, chat=chat, template=template,
-                            max_new_tokens=max_new_tokens, padding_side=padding_side, sub_questions=sub_questions)
+                            max_new_tokens=max_new_tokens, padding_side=padding_side, sub_questions=sub_questions,
+                            stop_at_eos=stop_at_eos)
     per = score_generations(requests, gens, style=style, bleu_level=bleu_level, rouge_stat=rouge_stat,
                             append_space=append_space)
     bert = embedding_scores([g["question"] for g in gens], [r.answer for r in requests], bertscore_model,
