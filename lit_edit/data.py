@@ -6,7 +6,11 @@ training step applies one batch of edits. Three pieces:
 * **Readers** turn benchmark records (loaded through HF ``datasets``, from a local JSON/JSONL
   file or directory, or a hub id) into validated requests: :func:`read_counterfact`,
   :func:`read_zsre`, the ``"world"`` reader (CounterFact schema, ``source="world"``), and the
-  dispatcher :func:`read_requests`. Every request is validated when it is read, so a bad record
+  dispatcher :func:`read_requests`. Unstructured benchmarks give
+  :class:`~lit_edit.requests.UnstructuredRequest`: :func:`read_unke`, :func:`read_akew`
+  (MQuAKE-CF and CounterFact formats), :func:`read_editeverything`, :func:`read_world_long`
+  (the fact world's long-form paragraphs); :func:`check_lengths` checks them against a model's
+  context. Every request is validated when it is read, so a bad record
   fails at load time with an :class:`~lit_edit.requests.EditRequestError` naming its case id and
   field, not halfway through an editing run.
 * :class:`StreamCursor` records how many batches of the stream have been *applied*.
@@ -37,7 +41,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
-from lit_edit.requests import EditRequest, EditRequestError
+from lit_edit.requests import EditRequest, EditRequestError, UnstructuredRequest
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +113,7 @@ def _check_on_invalid(on_invalid: str) -> None:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
 
 
-def _collect(
-    records: list[dict], build: Callable[[int, dict], list[EditRequest]], on_invalid: str
-) -> list[EditRequest]:
+def _collect(records: list[dict], build: Callable[[int, dict], list], on_invalid: str) -> list:
     """Build and validate the requests of every record; bad records raise or are skipped.
 
     ``build(index, record)`` returns the record's requests (one, or several for MQuAKE-style
@@ -289,11 +291,335 @@ def read_zsre(
     return _collect(records, lambda i, r: _zsre_request(i, r, target_field), on_invalid)
 
 
-READERS: dict[str, Callable[..., list[EditRequest]]] = {
+# --------------------------------------------------------------------------------------------
+# Unstructured (long-form) readers: UnKEBench, AKEW, EditEverything, the world's paragraphs
+# --------------------------------------------------------------------------------------------
+
+AKEW_REWRITES = ("first", "all")
+
+
+def _validated(request: UnstructuredRequest, field_names: dict[str, str]) -> UnstructuredRequest:
+    """``request.validate()``, with the error naming the dataset's field rather than the dataclass's."""
+    try:
+        return request.validate()
+    except EditRequestError as err:
+        if err.field in field_names:
+            raise EditRequestError(err.case_id, field_names[err.field], err.message) from None
+        raise
+
+
+def _record_id(record: Any, index: int, key: str) -> Any:
+    case_id = record.get(key) if isinstance(record, dict) else None
+    if case_id is None:
+        raise EditRequestError(f"<record #{index}>", key, f"missing key {key!r} in the record")
+    return case_id
+
+
+def _opt_str_list(record: dict, key: str, case_id: Any) -> list[str]:
+    """An optional list-of-strings field: missing or ``None`` is empty, anything but a list is an error."""
+    value = record.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise EditRequestError(case_id, key, f"expected a list of strings, got {type(value).__name__}")
+    return list(value)
+
+
+UNKE_FIELDS = {"question": "question", "answer": "answer", "paraphrase_questions": "para_question",
+               "sub_questions": "sub_question", "sub_answers": "sub_answer"}
+UNKE_EXTRA = ("mmlu_questions", "mmlu_choices", "mmlu_answer")
+
+
+def _unke_request(index: int, record: dict, source: str = "unke") -> list[UnstructuredRequest]:
+    """One UnKEBench record (also the world's long-form records, which share its field names)."""
+    case_id = _record_id(record, index, "id")
+    para = record.get("para_question")
+    request = UnstructuredRequest(
+        case_id=case_id,
+        question=_get(record, "question", case_id),
+        answer=_get(record, "answer", case_id),
+        paraphrase_questions=[para] if para is not None else [],
+        sub_questions=_opt_str_list(record, "sub_question", case_id),
+        sub_answers=_opt_str_list(record, "sub_answer", case_id),
+        source=source,
+        subject=record.get("subject"),
+        original_answer=record.get("original_answer"),
+        extra={k: record[k] for k in UNKE_EXTRA + ("rewrites",) if record.get(k) is not None},
+    )
+    return [_validated(request, {**UNKE_FIELDS, "original_answer": "original_answer"})]
+
+
+def read_unke(
+    path_or_id: str, split: str = "train", limit: int | None = None, *, on_invalid: str = "raise"
+) -> list[UnstructuredRequest]:
+    """Read UnKEBench records (``id``, ``question``, ``para_question``, ``answer``, ``sub_question``,
+    ``sub_answer``; ALGORITHMS.md §11). ``case_id`` is the record's ``id``.
+
+    ``limit`` keeps the first N records in file order (MUKE instead shuffles with seed 2024 before
+    truncating when it takes fewer records than the file has, §11).
+    """
+    _check_on_invalid(on_invalid)
+    records = load_records(path_or_id, split=split, limit=limit)
+    return _collect(records, _unke_request, on_invalid)
+
+
+def _akew_sub_questions(rewrite: dict, case_id: Any, n_sub: int | None) -> tuple[list[str], list[str]]:
+    """MUKE's sub-questions: ``prompt.format(subject)`` -> ``target`` of the first ``n_sub`` triplets."""
+    triplets = rewrite.get("unsfact_triplets_GPT")
+    if triplets is None:
+        return [], []
+    if not isinstance(triplets, list):
+        raise EditRequestError(case_id, "unsfact_triplets_GPT", f"expected a list, got {type(triplets).__name__}")
+    questions, answers = [], []
+    for i, triplet in enumerate(triplets[:n_sub] if n_sub is not None else triplets):
+        where = f"unsfact_triplets_GPT[{i}]"
+        if not isinstance(triplet, dict):
+            raise EditRequestError(case_id, where, f"expected an object, got {type(triplet).__name__}")
+        prompt, subject, target = (_get(triplet, k, case_id, f"{where}.{k}") for k in ("prompt", "subject", "target"))
+        if not isinstance(prompt, str) or prompt.count("{}") != 1:
+            raise EditRequestError(case_id, f"{where}.prompt", f"must contain exactly one '{{}}', got {prompt!r}")
+        questions.append(prompt.replace("{}", str(subject)))
+        answers.append(target)
+    return questions, answers
+
+
+def _akew_structured(rewrite: dict) -> dict:
+    """The structured rewrite behind an AKEW text, kept in ``extra`` (strings only, ``None`` if absent)."""
+    def text(value):
+        return value.get("str") if isinstance(value, dict) else value
+
+    return {
+        "prompt": rewrite.get("prompt"),
+        "relation_id": rewrite.get("relation_id"),
+        "target_new": text(rewrite.get("target_new")),
+        "target_true": text(rewrite.get("target_true")),
+        "fact_new": rewrite.get("fact_new"),
+        "verify_unsfact_GPT": rewrite.get("verify_unsfact_GPT"),
+    }
+
+
+AKEW_FIELDS = {"question": "question", "answer": "fact_new_uns", "paraphrase_questions": "paraphrase_prompts",
+               "sub_questions": "unsfact_triplets_GPT", "sub_answers": "unsfact_triplets_GPT"}
+
+
+def _akew_requests(index: int, record: dict, rewrites: str, n_sub: int | None,
+                   require_verified: bool) -> list[UnstructuredRequest]:
+    """The requests of one AKEW record: MQuAKE-CF (a list of rewrites) or CounterFact (one rewrite).
+
+    MQuAKE-CF (MUKE's ``mquake.py``): question = the rewrite's ``question``, answer =
+    ``fact_new_uns``, no paraphrase. CounterFact (MUKE's ``counterfact.py``): question =
+    ``prompt_full``, paraphrase = ``paraphrase_prompts[0]``, answer = ``fact_new_uns``. Both: the
+    first ``n_sub`` triplets as sub-questions.
+    """
+    case_id = _record_id(record, index, "case_id")
+    raw = _get(record, "requested_rewrite", case_id)
+    mquake = isinstance(raw, list)
+    if mquake and not raw:
+        raise EditRequestError(case_id, "requested_rewrite", "empty list of rewrites")
+    chosen = (raw if rewrites == "all" else raw[:1]) if mquake else [raw]
+    out = []
+    for i, rewrite in enumerate(chosen):
+        cid = case_id if i == 0 else f"{case_id}_{i}"
+        if not isinstance(rewrite, dict):
+            raise EditRequestError(cid, "requested_rewrite", f"expected an object, got {type(rewrite).__name__}")
+        if require_verified and rewrite.get("verify_unsfact_GPT") is not True:
+            raise EditRequestError(cid, "verify_unsfact_GPT", "the unstructured fact is not marked as verified")
+        sub_q, sub_a = _akew_sub_questions(rewrite, cid, n_sub)
+        extra = _akew_structured(rewrite)
+        if mquake:
+            question = _get(rewrite, "question", cid)
+            paraphrases: list[str] = []
+            extra.update({k: record.get(k) for k in ("questions", "new_answer", "new_answer_alias")})
+        else:
+            question = _get(rewrite, "prompt_full", cid)
+            paraphrases = _opt_str_list(record, "paraphrase_prompts", cid)[:1]
+            extra["neighborhood_prompts"] = _opt_str_list(record, "neighborhood_prompts", cid)
+        request = UnstructuredRequest(
+            case_id=cid,
+            question=question,
+            answer=_get(rewrite, "fact_new_uns", cid),
+            paraphrase_questions=paraphrases,
+            sub_questions=sub_q,
+            sub_answers=sub_a,
+            source="akew_mquake" if mquake else "akew_counterfact",
+            subject=rewrite.get("subject"),
+            extra=extra,
+        )
+        fields = dict(AKEW_FIELDS, question="question" if mquake else "prompt_full")
+        out.append(_validated(request, fields))
+    return out
+
+
+def read_akew(
+    path_or_id: str,
+    split: str = "train",
+    limit: int | None = None,
+    *,
+    on_invalid: str = "raise",
+    rewrites: str = "first",
+    n_sub: int | None = 5,
+    require_verified: bool = False,
+) -> list[UnstructuredRequest]:
+    """Read AKEW records as unstructured edits, in either format (ALGORITHMS.md §11).
+
+    * MQuAKE-CF (``requested_rewrite`` is a list): ``rewrites="first"`` uses only rewrite 0, as
+      MUKE does; ``"all"`` gives one request per rewrite (case ids ``case_id``, ``f"{case_id}_1"``,
+      ...; every one carries the record's multi-hop ``questions`` / ``new_answer`` in ``extra``).
+    * CounterFact (``requested_rewrite`` is an object with ``prompt_full`` and ``fact_new_uns``).
+
+    ``n_sub``: how many ``unsfact_triplets_GPT`` become sub-questions (5 as in MUKE; ``None``:
+    all). ``require_verified``: treat a record whose ``verify_unsfact_GPT`` is not true as invalid.
+    """
+    if rewrites not in AKEW_REWRITES:
+        raise ValueError(f"rewrites must be one of {AKEW_REWRITES}, got {rewrites!r}")
+    if n_sub is not None and n_sub < 0:
+        raise ValueError(f"n_sub must be None or >= 0, got {n_sub}")
+    _check_on_invalid(on_invalid)
+    records = load_records(path_or_id, split=split, limit=limit)
+    return _collect(records, lambda i, r: _akew_requests(i, r, rewrites, n_sub, require_verified), on_invalid)
+
+
+def _editeverything_request(index: int, record: dict) -> list[UnstructuredRequest]:
+    case_id = _record_id(record, index, "id")
+    request = UnstructuredRequest(
+        case_id=case_id,
+        question=_get(record, "question", case_id),
+        answer=_get(record, "answer", case_id),
+        source="editeverything",
+        category=_get(record, "category", case_id),
+    )
+    return [_validated(request, {})]
+
+
+def read_editeverything(
+    path_or_id: str, split: str = "train", limit: int | None = None, *, on_invalid: str = "raise"
+) -> list[UnstructuredRequest]:
+    """Read EditEverything records (``id``, ``question``, ``answer``, ``category``; §11).
+
+    No paraphrases or sub-questions; the reference reports its metrics per ``category``.
+    """
+    _check_on_invalid(on_invalid)
+    records = load_records(path_or_id, split=split, limit=limit)
+    return _collect(records, _editeverything_request, on_invalid)
+
+
+def read_world_long(
+    path_or_id: str = "world", split: str = "train", limit: int | None = None, *, on_invalid: str = "raise",
+    fit_context: bool = True,
+) -> list[UnstructuredRequest]:
+    """The fact world's long-form records (:mod:`lit_edit.world_long`) as unstructured edits.
+
+    ``path_or_id``: a world spec (``"world"``, ``"world:tiny"``) generates them from the world's
+    spec, without training or touching the world cache (``fit_context``: each record fits the
+    world model's context); a JSON/JSONL file holds records written from
+    :func:`~lit_edit.world_long.long_records` (UnKEBench field names). ``case_id`` = ``id``.
+    """
+    _check_on_invalid(on_invalid)
+    if is_world_spec(path_or_id):
+        from lit_edit.world_long import world_long_records
+
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        records = world_long_records(path_or_id, fit_context=fit_context)
+        records = records[:limit] if limit is not None else records
+    else:
+        records = load_records(path_or_id, split=split, limit=limit)
+    return _collect(records, lambda i, r: _unke_request(i, r, source="world_long"), on_invalid)
+
+
+def request_lengths(request: UnstructuredRequest, tokenizer, *, template: str | None = None,
+                    chat: bool = True) -> dict[str, int]:
+    """Token counts of an unstructured request as the model sees it.
+
+    ``question`` / ``paraphrase_questions`` / ``sub_questions``: the longest prompt of each kind
+    (BOS included, chat-wrapped with :func:`~lit_edit.requests.chat_prompt` when ``chat``);
+    ``answer``: the edit target (answer plus end-of-turn string, :func:`~lit_edit.requests.edit_answer`);
+    ``sub_answers``: the longest sub-answer.
+    """
+    from lit_edit.requests import chat_prompt, edit_answer
+    from lit_edit.tokens import bos_ids, encode
+
+    n_bos = len(bos_ids(tokenizer))
+
+    def prompt_len(question: str) -> int:
+        text = chat_prompt(question, tokenizer, template=template) if chat else question
+        return n_bos + len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else n_bos
+
+    def text_len(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else 0
+
+    answer = edit_answer(request.answer, tokenizer, template=template) if chat else request.answer
+    return {
+        "question": prompt_len(request.question),
+        "paraphrase_questions": max((prompt_len(q) for q in request.paraphrase_questions), default=0),
+        "answer": text_len(answer),
+        "sub_questions": max((prompt_len(q) for q in request.sub_questions), default=0),
+        "sub_answers": max((text_len(a) for a in request.sub_answers), default=0),
+    }
+
+
+def check_length(request: UnstructuredRequest, tokenizer, max_length, *, template: str | None = None,
+                 chat: bool = True) -> UnstructuredRequest:
+    """Raise :class:`EditRequestError` naming the record and field if the request does not fit the context.
+
+    ``max_length``: the context in tokens, or a model / config to read it from
+    (:func:`~lit_edit.tokens.context_length`). A prompt of ``Q`` tokens followed by a target of
+    ``T`` tokens needs ``Q + T - 1`` positions, both to edit (the last target token is never an
+    input, ALGORITHMS.md §8.1) and to generate ``T`` tokens for scoring. Checked: question +
+    answer (field ``answer``, or ``question`` if the question alone is too long), every
+    paraphrase + answer (``paraphrase_questions``) and every sub-question + its answer
+    (``sub_questions``).
+    """
+    from lit_edit.tokens import context_length
+
+    limit = context_length(max_length)
+    if limit is None:
+        raise ValueError(f"cannot tell the model's context length from {type(max_length).__name__}")
+    n = request_lengths(request, tokenizer, template=template, chat=chat)
+    cid = request.case_id
+    if n["question"] > limit:
+        raise EditRequestError(cid, "question", f"the prompt alone is {n['question']} tokens; the model's context is "
+                               f"{limit} tokens")
+    pairs = [("answer", n["question"]), ("paraphrase_questions", n["paraphrase_questions"])]
+    for name, q in pairs:
+        if q and q + n["answer"] - 1 > limit:
+            raise EditRequestError(cid, name, f"prompt ({q} tokens) + answer ({n['answer']} tokens) needs "
+                                   f"{q + n['answer'] - 1} positions; the model's context is {limit} tokens")
+    if n["sub_questions"] and n["sub_questions"] + n["sub_answers"] - 1 > limit:
+        raise EditRequestError(cid, "sub_questions", f"a sub-question ({n['sub_questions']} tokens) + its answer "
+                               f"(up to {n['sub_answers']} tokens) does not fit the model's context of {limit} tokens")
+    return request
+
+
+def check_lengths(requests: list[UnstructuredRequest], tokenizer, max_length, *, template: str | None = None,
+                  chat: bool = True, on_invalid: str = "raise") -> list[UnstructuredRequest]:
+    """:func:`check_length` for every request; ``on_invalid="skip"`` drops (and logs) those that do not fit."""
+    _check_on_invalid(on_invalid)
+    kept = []
+    for request in requests:
+        try:
+            kept.append(check_length(request, tokenizer, max_length, template=template, chat=chat))
+        except EditRequestError as err:
+            if on_invalid == "raise":
+                raise
+            log.warning("skipping edit record that does not fit the model: %s", err)
+    if len(kept) < len(requests):
+        log.warning("skipped %d of %d edit records as too long", len(requests) - len(kept), len(requests))
+    return kept
+
+
+READERS: dict[str, Callable[..., list[EditRequest] | list[UnstructuredRequest]]] = {
     "counterfact": read_counterfact,
     "zsre": read_zsre,
     "world": read_world,
+    "unke": read_unke,
+    "akew": read_akew,
+    "editeverything": read_editeverything,
+    "world_long": read_world_long,
 }
+# Readers that take a world spec ("world", "world:tiny") themselves, rather than the path of the
+# trained world's counterfact.json (which would build the world's model first).
+WORLD_SPEC_READERS = frozenset({"world_long"})
 
 
 def is_world_spec(path: str) -> bool:
@@ -323,7 +649,8 @@ def read_requests(
     """
     if kind not in READERS:
         raise ValueError(f"unknown edit dataset {kind!r}; known: {sorted(READERS)}")
-    requests = READERS[kind](resolve_records_path(path_or_id), split=split, limit=limit, **options)
+    path = path_or_id if kind in WORLD_SPEC_READERS else resolve_records_path(path_or_id)
+    requests = READERS[kind](path, split=split, limit=limit, **options)
     check_unique_case_ids(requests)  # readers check too; this guards readers added later
     return requests
 
@@ -460,9 +787,12 @@ class EditDataModule(L.LightningDataModule):
     """The edit stream of a run: read once, batched in order, resumable mid-stream.
 
     Args:
-        dataset: reader name, a key of :data:`READERS` (``"counterfact"``, ``"zsre"``, ``"world"``).
+        dataset: reader name, a key of :data:`READERS` (``"counterfact"``, ``"zsre"``, ``"world"``;
+            unstructured: ``"unke"``, ``"akew"``, ``"editeverything"``, ``"world_long"``, whose
+            batches hold :class:`~lit_edit.requests.UnstructuredRequest`).
         path: local JSON/JSONL file or directory, hub id, or a world spec (``"world"``,
-            ``"world:tiny"``: the built-in synthetic fact world, generated on first use).
+            ``"world:tiny"``: the built-in synthetic fact world, generated on first use; for
+            ``"world_long"`` the long-form records are generated from the world's spec alone).
         split: dataset split.
         limit: number of requests in the stream (after ``offset``); ``None`` = all.
         batch_size: edits per training step.

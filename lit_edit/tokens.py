@@ -98,3 +98,16 @@ def pad_id(tok) -> int:
 def fill_context(context: str, prompt: str) -> str:
     """Prefix a prompt template with a context template ("<ctx>. {}") keeping one ``{}`` slot."""
     return context.replace("{}", prompt)
+
+
+def context_length(model_or_config) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``, ``n_positions`` or ``n_ctx``);
+    an ``int`` passes through; ``None`` if the config does not say."""
+    if isinstance(model_or_config, int):
+        return model_or_config
+    config = getattr(model_or_config, "config", model_or_config)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
