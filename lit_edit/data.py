@@ -537,7 +537,7 @@ def request_lengths(request: UnstructuredRequest, tokenizer, *, template: str | 
     ``sub_answers``: the longest sub-answer.
     """
     from lit_edit.requests import chat_prompt, edit_answer
-    from lit_edit.tokens import bos_ids, encode
+    from lit_edit.tokens import bos_ids
 
     n_bos = len(bos_ids(tokenizer))
 

@@ -73,6 +73,27 @@ def compute_block_states(model, tok, layout, layer: int, requests: list[EditRequ
     return got[layer]
 
 
+class FactColumns:
+    """The columns of a structured batch: one per request, its key at the fact token (template-averaged, §3) and
+    its target row at the fact token of the bare prompt. Unstructured batches have their own provider with the
+    same interface (:class:`lit_edit.muke.WindowColumns`): ``ids`` (the ledger id of every column, target columns
+    first, then preservation columns whose residual is 0), ``n_targets``, ``keys(model, layout, layers)`` and
+    ``states(model, layout, L)`` on the current model."""
+
+    def __init__(self, tok, requests: list[EditRequest], context_templates: list[str], fact_token: str = "subject_last",
+                 legacy_bos_shift: bool = False):
+        self.tok, self.requests, self.context = tok, requests, context_templates
+        self.fact_token, self.legacy = fact_token, legacy_bos_shift
+        self.ids = [r.fact_id for r in requests]
+        self.n_targets = len(requests)
+
+    def keys(self, model, layout, layers: list[int]) -> dict[int, torch.Tensor]:
+        return compute_keys(model, self.tok, layout, layers, self.requests, self.context, self.fact_token, self.legacy)
+
+    def states(self, model, layout, layer: int) -> torch.Tensor:
+        return compute_block_states(model, self.tok, layout, layer, self.requests, self.fact_token, self.legacy)
+
+
 @dataclass
 class StepStats:
     residual_norm: dict[int, float] = field(default_factory=dict)  # mean ‖R‖ per column, per layer
@@ -111,17 +132,19 @@ def plan_operations(solver, requests: list[EditRequest]) -> tuple[list[EditReque
     return writes, drops
 
 
-def apply_batch(model, tok, layout, solver, layers: list[int], requests: list[EditRequest], Z: torch.Tensor,
-                context_templates: list[str], fact_token: str = "subject_last", legacy_bos_shift: bool = False) -> StepStats:
+def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: torch.Tensor, columns) -> StepStats:
     """Apply one step: first remove the earlier edits of dropped facts (Prop. 3.5), then write the targets
-    Z (one row per non-remove request, in order) into ``layers`` (§4 layer loop) and commit keys and
-    stored values to the solver; the solver's ``finalize`` (PRUNE/RECT) decides what is finally written.
-    Atomic: on any error the edited matrices and the solver state are restored."""
+    Z (one row per target column of the writing requests, in order) into ``layers`` (§4 layer loop) and commit
+    keys and stored values to the solver; the solver's ``finalize`` (PRUNE/RECT) decides what is finally
+    written. ``columns(writes)`` builds the column provider (:class:`FactColumns`, or windows for unstructured
+    edits). Atomic: on any error the edited matrices and the solver state are restored."""
     layers = sorted(layers)
     L, m = layers[-1], len(layers)
     writes, drops = plan_operations(solver, requests)
-    if Z.shape[0] != len(writes):
-        raise ValueError(f"{Z.shape[0]} targets for {len(writes)} inserted/replaced requests")
+    cols = columns(writes)
+    if Z.shape[0] != cols.n_targets:
+        raise ValueError(f"{Z.shape[0]} targets for {cols.n_targets} target columns of {len(writes)} inserted/replaced "
+                         f"requests")
     saved_w = {l: get_weight(model, layout, l).clone() for l in layers}
     saved_solver = solver.state_dict()  # references: the solver replaces its tensors, never mutates them
     stats = StepStats(dropped=list(drops))
@@ -137,16 +160,18 @@ def apply_batch(model, tok, layout, solver, layers: list[int], requests: list[Ed
             W_before = {l: get_weight(model, layout, l).clone() for l in layers} if drops else saved_w
             raw, values = {}, {}
             for i, l in enumerate(layers):
-                K = compute_keys(model, tok, layout, [l], writes, context_templates, fact_token, legacy_bos_shift)[l]
-                H = compute_block_states(model, tok, layout, L, writes, fact_token, legacy_bos_shift)
-                R = (Z.to(H.device).float() - H).T / (m - i)  # d × n
+                K = cols.keys(model, layout, [l])[l]
+                H = cols.states(model, layout, L)
+                R = (Z.to(H.device, H.dtype) - H).T / (m - i)  # d × n (H is float32, or float64 for a float64 model)
+                if K.shape[1] > R.shape[1]:  # preservation columns: keep their current outputs (residual 0)
+                    R = torch.cat([R, R.new_zeros(R.shape[0], K.shape[1] - R.shape[1])], 1)
                 raw[l] = solver.solve(l, K, R)
                 _check_finite(raw[l], l)
                 values[l] = W_before[l].double() @ K.double() + R.double()  # what this layer is asked to store
                 add_to_weight(model, layout, l, raw[l])
-                stats.residual_norm[l] = R.norm(dim=0).mean().item()
-                stats.request_residual[l] = R.norm(dim=0).tolist()
-            K_all = compute_keys(model, tok, layout, layers, writes, context_templates, fact_token, legacy_bos_shift)
+                stats.residual_norm[l] = R[:, : cols.n_targets].norm(dim=0).mean().item()
+                stats.request_residual[l] = R[:, : cols.n_targets].norm(dim=0).tolist()
+            K_all = cols.keys(model, layout, layers)
             for l in layers:
                 solver.commit(l, K_all[l], values[l])
             for l in layers:
@@ -157,7 +182,7 @@ def apply_batch(model, tok, layout, solver, layers: list[int], requests: list[Ed
                     _check_finite(applied, l)
                     set_weight(model, layout, l, W_before[l] + applied.to(W_before[l].dtype))
                 stats.update_norm[l] = applied.norm().item()
-        solver.finish_batch([r.fact_id for r in writes])
+        solver.finish_batch(cols.ids)
         for l in layers:
             if not torch.isfinite(get_weight(model, layout, l)).all():
                 raise EditStepError(f"non-finite weights at layer {l}")

@@ -28,9 +28,19 @@ from lit_edit.tokens import bos_ids, context_length, encode, pad_batch, pad_id, 
 KEYS = ("efficacy", "generalization", "specificity")
 
 
-def make_metrics(prefix: str = "") -> MetricCollection:
+def _slot(key: str) -> str:
+    return key.replace(".", "_")  # module names cannot hold "." ("para.bleu")
+
+
+def make_metrics(prefix: str = "", keys: tuple[str, ...] = KEYS) -> MetricCollection:
     """Means of per-record scores; float64 sum and count states, summed across DDP ranks by ``compute()``."""
-    return MetricCollection({k: MeanMetric().set_dtype(torch.float64) for k in KEYS}, prefix=prefix)
+    return MetricCollection({_slot(k): MeanMetric().set_dtype(torch.float64) for k in keys}, prefix=prefix)
+
+
+def compute_metrics(metrics: MetricCollection, keys: tuple[str, ...]) -> dict[str, float]:
+    """``compute()`` (a collective under DDP: call it on every rank) back under the score names."""
+    values = metrics.compute()
+    return {k: float(values[(metrics.prefix or "") + _slot(k)]) for k in keys}
 
 
 @torch.no_grad()
@@ -89,7 +99,8 @@ def record_scores(model, tok, requests: list[EditRequest]) -> list[dict[str, flo
 def update_metrics(metrics: MetricCollection, scores: list[dict[str, float]]) -> None:
     for s in scores:
         for k, v in s.items():
-            metrics[k].update(v)
+            if _slot(k) in metrics:  # scores the run does not track (e.g. sub.rouge_l) are left out
+                metrics[_slot(k)].update(v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +218,10 @@ def generate_greedy(model, tok, prompts: list[str], max_new_tokens, *, batch_siz
                 if bool(done.all()):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(lens + step)[:, None],
+                pos = lens + step
+                if ctx is not None:  # rows already done keep being fed; keep their (unused) positions in range
+                    pos = pos.clamp(max=ctx - 1)
+                res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
                             past_key_values=past, use_cache=True)
                 logits, past = res.logits[:, -1], res.past_key_values
     finally:

@@ -19,12 +19,15 @@ from lit_edit import distributed as dist
 from lit_edit.editing import StepStats, apply_batch, compute_block_states
 from lit_edit.layouts import get_layout
 from lit_edit.metake import MetaKEConfig, Refinement, refine_targets
-from lit_edit.metrics import KEYS, make_metrics, record_scores, update_metrics
+from lit_edit.editing import FactColumns
+from lit_edit.metrics import (KEYS, UNSTRUCTURED_KEYS, compute_metrics, generate_answers, make_metrics, record_scores,
+                              score_generations, update_metrics)
+from lit_edit.muke import WindowColumns, WindowConfig, optimise_windows, windowed
 from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, layer_stats
 from lit_edit.targets import TargetConfig, TargetResult, compute_targets, hidden_size, opt_dtype
-from lit_edit.tokens import encode_prompt, fill_context, target_ids
+from lit_edit.tokens import encode_prompt, fill_context, pad_id, target_ids
 
 
 @dataclass
@@ -36,6 +39,7 @@ class EditPlan:
     targets: TargetResult | None  # None when the batch only removes edits
     started: float = field(default_factory=time.perf_counter)
     refinement: Refinement | None = None  # MetaKE's refinement of the targets, when configured
+    columns_of: list[list[int]] | None = None  # rows of Z per write (unstructured: one per window); None = one each
 
     @property
     def writes(self) -> list[EditRequest]:
@@ -103,6 +107,8 @@ class EditModule(L.LightningModule):
         solver: the downstream closed-form solver (MEMIT, AlphaEdit, ...); default AlphaEdit.
         targets: §2 hyper-parameters of the v* optimisation.
         metake: MetaKE bi-level refinement of the targets through the solver's gate (§7); None = off.
+        windows: unstructured (long-form) editing (§8): One-for-All, AnyEdit or μKE window targets; the stream must
+            then hold unstructured requests (readers unke, akew, editeverything, world_long). None = structured.
         stats: corpus for the key second moment C0 (§3).
         layout: architecture layout override (see ``lit_edit.layouts``) for models not in the registry.
         context_templates: [[length, count], ...] of generated context prefixes (§1.4); [] = bare prompts only.
@@ -115,6 +121,7 @@ class EditModule(L.LightningModule):
 
     def __init__(self, model: str = "world", layers: list[int] = [1, 2], solver: Solver | None = None,
                  targets: TargetConfig = TargetConfig(), metake: MetaKEConfig | None = None,
+                 windows: WindowConfig | None = None,
                  stats: StatsConfig = StatsConfig(),
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
@@ -123,7 +130,7 @@ class EditModule(L.LightningModule):
         # LightningCLI re-applies a checkpoint's hyper_parameters over the command line on --ckpt_path: keep out the
         # options a resumed run may change (where to export, how often to evaluate or check) and anything that is
         # not an __init__ argument
-        self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake", "export_dir", "eval_every_n_steps",
+        self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake", "windows", "export_dir", "eval_every_n_steps",
                                           "sync_check_every_n_steps"])
         self.model_name = model
         self.layers = sorted(layers)
@@ -131,9 +138,14 @@ class EditModule(L.LightningModule):
         self.target_cfg = targets if isinstance(targets, TargetConfig) else TargetConfig(**targets)
         self.stats_cfg = stats if isinstance(stats, StatsConfig) else StatsConfig(**stats)
         self.metake_cfg = metake if isinstance(metake, MetaKEConfig) or metake is None else MetaKEConfig(**metake)
+        self.window_cfg = windows if isinstance(windows, WindowConfig) or windows is None else WindowConfig(**windows)
+        if self.window_cfg is not None and self.metake_cfg is not None:
+            raise ValueError("metake refines structured targets; it cannot be combined with windows (unstructured)")
+        self.metric_keys = KEYS if self.window_cfg is None else UNSTRUCTURED_KEYS
         # plain dicts only, so checkpoints load with torch.load(weights_only=True)
         self.hparams.update(targets=asdict(self.target_cfg), stats=asdict(self.stats_cfg),
-                            metake=asdict(self.metake_cfg) if self.metake_cfg else None)
+                            metake=asdict(self.metake_cfg) if self.metake_cfg else None,
+                            windows=asdict(self.window_cfg) if self.window_cfg else None)
         self.layout_override = layout
         self.dtype_name = dtype
         self.context_spec = context_templates
@@ -152,7 +164,7 @@ class EditModule(L.LightningModule):
         self.pre_records: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
         self.final_scores: dict[str, float] = {}
         self._restored: dict | None = None
-        self.batch_metrics = make_metrics()
+        self.batch_metrics = make_metrics(keys=self.metric_keys)
 
     # -- set-up ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -175,11 +187,24 @@ class EditModule(L.LightningModule):
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
             scored = [r for r in self.requests if r.writes]
             mine = [scored[i] for i in dist.shard(len(scored))]  # each rank scores its shard, all keep the union
-            parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], record_scores(self.llm, self.tok, mine))))
+            parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], self.record_scores(mine) if mine else [])))
             self.pre_records = dict(pair for part in parts for pair in part)
 
     def validate_lengths(self, requests: list[EditRequest]) -> None:
         """The longest sequence a request produces must fit the model's context (checked before any edit)."""
+        kinds = {type(r).__name__ for r in requests}
+        want = "EditRequest" if self.window_cfg is None else "UnstructuredRequest"
+        if requests and kinds != {want}:
+            first = next(r for r in requests if type(r).__name__ != want)
+            raise EditRequestError(first.case_id, "question" if want == "EditRequest" else "prompt",
+                                   f"the stream holds {sorted(kinds)} but the module is configured for {want}s "
+                                   f"({'set model.windows for unstructured data' if want == 'EditRequest' else 'unset model.windows, or use an unstructured reader'})")
+        if self.window_cfg is not None:
+            from lit_edit.data import check_lengths
+
+            check_lengths([r for r in requests if r.writes], self.tok, self.llm, template=self.window_cfg.template,
+                          chat=self.window_cfg.chat)
+            return
         limit = getattr(self.llm.config, "max_position_embeddings", None) or getattr(self.llm.config, "n_positions", None)
         if not limit:
             return
@@ -206,9 +231,11 @@ class EditModule(L.LightningModule):
         return None  # the LLM is frozen; the inner optimisations own their optimisers
 
     # -- the step -------------------------------------------------------------------------
-    def training_step(self, batch: list[EditRequest], batch_idx: int):
+    def training_step(self, batch: list, batch_idx: int):
         """Targets for the batch's writes. Under DDP every rank gets the same global batch, optimises the targets of
         its shard (:func:`lit_edit.distributed.shard`) and gathers everyone's, in the global order."""
+        if self.window_cfg is not None:
+            return self.unstructured_step(batch)
         started = time.perf_counter()
         L_ = self.layers[-1]
         writes = [r for r in batch if r.writes]  # removals need no target
@@ -246,6 +273,64 @@ class EditModule(L.LightningModule):
             if ref.fidelity is not None:
                 self.log_dict({f"metake/{k}": v for k, v in ref.fidelity.items()}, batch_size=len(writes))
         return {"plan": EditPlan(batch, Z, res, started, ref)}
+
+    def unstructured_step(self, batch: list) -> dict:
+        """§8: window targets z_w at the last edited layer for every window of every write (One-for-All, AnyEdit or
+        μKE, batched over requests); one row of Z per window, request-then-window."""
+        started = time.perf_counter()
+        cfg, L_ = self.window_cfg, self.layers[-1]
+        writes = [r for r in batch if r.writes]
+        seqs = [windowed(self.tok, r, cfg) for r in writes]
+        in_shard = dist.shard(len(batch))
+        write_pos = [i for i, r in enumerate(batch) if r.writes]
+        own = [j for j, i in enumerate(write_pos) if i in in_shard]
+        capacity = max(sum(seqs[j].N for j, i in enumerate(write_pos) if i in dist.shard(len(batch), r=r))
+                       for r in range(dist.world_size())) if writes else 0
+        res = None
+        if writes:
+            local = None
+            if own:
+                with torch.enable_grad():
+                    got = optimise_windows(self.llm, self.layout, L_, [seqs[j] for j in own], cfg, pad=pad_id(self.tok))
+                local = TargetResult(*(torch.cat([getattr(t, k) for t in got]) for k in ("z", "h_init", "delta")),
+                                     torch.cat([t.loss for t in got]), torch.cat([t.nll for t in got]),
+                                     torch.cat([t.steps for t in got]), [])
+            res = gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
+            self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
+                           "targets/steps": res.steps.float().mean(), "targets/windows": float(len(res.loss)),
+                           "targets/delta_norm": res.delta.norm(dim=-1).mean()}, batch_size=len(writes))
+        self.optimizers().step()  # see training_step
+        Z = res.v_star if res is not None else torch.zeros(0, self.llm.config.hidden_size, device=self.device)
+        starts = [sum(s.N for s in seqs[:j]) for j in range(len(seqs))]
+        columns_of = [list(range(b, b + s.N)) for b, s in zip(starts, seqs)]
+        self._seqs = dict(zip([r.case_id for r in writes], seqs))
+        return {"plan": EditPlan(batch, Z, res, started, None, columns_of)}
+
+    def columns(self, writes: list):
+        """The column provider of a batch's writes for :func:`lit_edit.editing.apply_batch`."""
+        if self.window_cfg is None:
+            return FactColumns(self.tok, writes, self.context, self.target_cfg.fact_token,
+                               self.target_cfg.legacy_bos_shift)
+        seqs = [self._seqs[r.case_id] if r.case_id in getattr(self, "_seqs", {}) else windowed(self.tok, r, self.window_cfg)
+                for r in writes]
+        return WindowColumns(seqs, [r.fact_id for r in writes], self.window_cfg.preservation, pad_id(self.tok))
+
+    def record_scores(self, requests: list) -> list[dict[str, float]]:
+        """Per-record scores on the current model: CounterFact/ZsRE probabilities, or BLEU / ROUGE-L of greedy
+        generations for unstructured requests."""
+        if self.window_cfg is None:
+            return record_scores(self.llm, self.tok, requests)
+        cfg = self.window_cfg
+        gens = generate_answers(self.llm, self.tok, requests, chat=cfg.chat, template=cfg.template)
+        return score_generations(requests, gens, style=cfg.metric_style)
+
+    def record_info(self, r) -> dict:
+        """What a per-record breakdown needs besides the scores: the answer length in tokens (unstructured)."""
+        if self.window_cfg is None:
+            return {}
+        from lit_edit.tokens import encode
+
+        return {"answer_tokens": len(encode(self.tok, r.answer)), "category": r.category}
 
     def _histograms(self, values: dict[str, torch.Tensor]) -> None:
         exp = getattr(self.logger, "experiment", None)
@@ -310,9 +395,12 @@ class EditModule(L.LightningModule):
                         "layers": self.layers, "update_norm": stats.update_norm}
                 if r.op == "insert" and r.fact_id in dropped:
                     line["operation"] = "insert (replaced earlier edit)"
-                if r.writes:
-                    line["target_loss"] = round(float(plan.targets.loss[j]), 6)
-                    line["residual_norm"] = {l: v[j] for l, v in stats.request_residual.items()}
+                if r.writes:  # per target column; an unstructured edit has one column per window (their mean)
+                    cols = plan.columns_of[j] if plan.columns_of is not None else [j]
+                    line["target_loss"] = round(float(plan.targets.loss[cols].mean()), 6)
+                    line["residual_norm"] = {l: sum(v[c] for c in cols) / len(cols) for l, v in stats.request_residual.items()}
+                    if plan.columns_of is not None:
+                        line["windows"] = len(cols)
                     j += 1
                 if r.fact_id in dropped:
                     line["forget_norm"] = stats.forget_norm
@@ -326,15 +414,15 @@ class EditModule(L.LightningModule):
     def evaluate(self, requests: list[EditRequest], scores: list[dict] | None = None, metrics=None) -> dict[str, float]:
         """Mean scores of ``requests`` (or of precomputed per-record ``scores``). Under DDP each rank scores its shard
         and the torchmetrics states (sums and counts) are reduced by ``compute()``: call it on every rank."""
-        metrics = make_metrics().to(self.device) if metrics is None else metrics
+        metrics = make_metrics(keys=self.metric_keys).to(self.device) if metrics is None else metrics
         metrics.reset()
         if scores is None:
             mine = [requests[i] for i in dist.shard(len(requests))]
-            scores = record_scores(self.llm, self.tok, mine) if mine else []
+            scores = self.record_scores(mine) if mine else []
         else:
             scores = [scores[i] for i in dist.shard(len(scores))]
         update_metrics(metrics, scores)
-        return {k.removeprefix(metrics.prefix or ""): float(v) for k, v in metrics.compute().items()}
+        return compute_metrics(metrics, self.metric_keys)
 
     def configure_callbacks(self):
         return [ClosedFormEdit()]
@@ -343,15 +431,23 @@ class EditModule(L.LightningModule):
         edited = self.edited_requests()
         if not edited:
             return
-        self.final_scores = self.evaluate(edited)
+        mine = [edited[i] for i in dist.shard(len(edited))]  # each rank scores its shard; all keep the union
+        parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], self.record_scores(mine) if mine else [])))
+        post = dict(pair for part in parts for pair in part)
+        self.final_scores = self.evaluate([], [post[r.case_id] for r in edited])
         pre = [self.pre_records[r.case_id] for r in edited if r.case_id in self.pre_records]
         pre_scores = self.evaluate([], pre) if pre else {}
         result = {**self.final_scores, **{f"pre.{k}": v for k, v in pre_scores.items()}, "n_edits": len(edited)}
         if self.trainer.is_global_zero:
-            print_table(result, len(edited))
+            print_table(result, len(edited), self.metric_keys)
             if self.run_dir:
                 Path(self.run_dir).mkdir(parents=True, exist_ok=True)
                 (Path(self.run_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
+                with open(Path(self.run_dir) / "scores.jsonl", "w") as f:  # per record, for breakdowns (e.g. by length)
+                    for r in edited:
+                        f.write(json.dumps({"case_id": r.case_id, **post[r.case_id],
+                                            **{f"pre.{k}": v for k, v in self.pre_records.get(r.case_id, {}).items()},
+                                            **self.record_info(r)}) + "\n")
             if self.logger is not None:
                 self.logger.log_metrics({f"final/{k}": v for k, v in result.items()}, step=self.global_step)
             if self.export_dir:
@@ -393,8 +489,8 @@ class EditModule(L.LightningModule):
         self.pre_records = state["pre_records"]
 
 
-def print_table(result: dict, n: int) -> None:
-    rows = [(k, result.get(f"pre.{k}"), result.get(k)) for k in KEYS]
+def print_table(result: dict, n: int, keys: tuple[str, ...] = KEYS) -> None:
+    rows = [(k, result.get(f"pre.{k}"), result.get(k)) for k in keys]
     print(f"\nlit_edit: final evaluation over {n} edited requests")
     print(f"{'metric':<16}{'pre':>10}{'post':>10}")
     for k, pre, post in rows:
@@ -408,8 +504,7 @@ class ClosedFormEdit(L.Callback):
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
         plan: EditPlan = outputs["plan"]
         m = pl_module
-        stats = apply_batch(m.llm, m.tok, m.layout, m.solver, m.layers, plan.requests, plan.Z, m.context,
-                            m.target_cfg.fact_token, m.target_cfg.legacy_bos_shift)
+        stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, m.columns)
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "mark_applied"):
             dm.mark_applied()

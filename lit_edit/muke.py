@@ -74,9 +74,10 @@ def _check_windows(windows, T: int) -> None:
 
 
 @dataclass(frozen=True)
-class UnstructuredRequest:
-    """One tokenised unstructured edit: question ids Q (with the tokenizer's BOS), target ids T (the answer, no
-    BOS) and its windows. Target token j is predicted at input position ``Q − 1 + j``."""
+class WindowedSequence:
+    """One tokenised unstructured edit (a :class:`lit_edit.requests.UnstructuredRequest` after tokenisation):
+    question ids Q (with the tokenizer's BOS), target ids T (the answer, no BOS) and its windows. Target token j
+    is predicted at input position ``Q − 1 + j``."""
 
     question_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
@@ -118,7 +119,7 @@ class UnstructuredRequest:
 
 
 def tokenize_unstructured(tok, question: str, answer: str, window_size: int | None = None,
-                          on_mismatch: str = "separate") -> UnstructuredRequest:
+                          on_mismatch: str = "separate") -> WindowedSequence:
     """Tokenise an unstructured request (§8.1): question ids = BOS (if the tokenizer adds one) ⧺ question
     tokens; target ids = answer tokens without any added BOS (the reference tokenises with special tokens and
     drops the leading BOS, which is the same); windows of ``window_size`` tokens (None: one window, One-for-All).
@@ -146,7 +147,19 @@ def tokenize_unstructured(tok, question: str, answer: str, window_size: int | No
             f"on the separately tokenised ids, or change the question/answer boundary (e.g. a leading space).")
     T = len(t)
     windows = split_windows(T, T if window_size is None else window_size)
-    return UnstructuredRequest(tuple(q), tuple(t), tuple(windows), matches)
+    return WindowedSequence(tuple(q), tuple(t), tuple(windows), matches)
+
+
+def windowed(tok, request, cfg: "WindowConfig") -> WindowedSequence:
+    """An :class:`~lit_edit.requests.UnstructuredRequest` as the model sees it: the question in the chat template
+    and the answer ended by the end-of-turn string when ``cfg.chat`` (plain text for a tokenizer without a
+    template), cut into windows of ``cfg.window_size`` (one window for One-for-All)."""
+    from lit_edit.requests import chat_prompt, edit_answer
+
+    q = chat_prompt(request.question, tok, template=cfg.template) if cfg.chat else request.question
+    a = edit_answer(request.answer, tok, template=cfg.template) if cfg.chat else request.answer
+    W = None if cfg.method == "one_for_all" else cfg.window_size
+    return tokenize_unstructured(tok, q, a, W, cfg.on_mismatch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,6 +225,11 @@ class WindowConfig:
     affinity_pairing: str = "paper"  # "paper" | "legacy" (the reference code's reversed pairing, §8.3 ⚠)
     affinity_steps: int = 3  # T_aff
     on_mismatch: str = "separate"  # joint vs separate tokenisation, see tokenize_unstructured
+    preservation: bool = False  # §8.5: the other positions of the edited sequences as preservation keys (residual 0)
+    chat: bool = True  # wrap the question in the tokenizer's chat template (and end the answer with its end of turn)
+    template: str | None = None  # "llama3" | "qwen2.5": MUKE's fixed prompt strings instead of the tokenizer's template
+    metric_style: str | None = None  # None: torchmetrics word BLEU / ROUGE-L F; "reference": the reference code's
+    # character-level BLEU and rouge-package ROUGE-L recall (lit_edit.metrics.text_scores), to compare published numbers
 
     def __post_init__(self):
         for name, value, allowed in (("method", self.method, METHODS), ("coefficients", self.coefficients, COEFFICIENTS),
@@ -219,6 +237,8 @@ class WindowConfig:
                                      ("on_mismatch", self.on_mismatch, ON_MISMATCH)):
             if value not in allowed:
                 raise ValueError(f"WindowConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.metric_style not in (None, "torchmetrics", "reference"):
+            raise ValueError(f"WindowConfig.metric_style must be None, 'torchmetrics' or 'reference', got {self.metric_style!r}")
         for name in ("window_size", "v_num_grad_steps", "affinity_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WindowConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -345,7 +365,7 @@ def _optimise_rows(model, block, rows: _Rows, cfg: WindowConfig, d: int):
     return delta.detach(), h_init, loss, nll_out, steps
 
 
-def compute_affinities(model, layout, layer: int, requests: list[UnstructuredRequest], cfg: WindowConfig,
+def compute_affinities(model, layout, layer: int, requests: list[WindowedSequence], cfg: WindowConfig,
                        pad: int = 0) -> list[list[list[float]]]:
     """Eq. 12 affinities, batched over requests: ``out[i][w] = [1, a(w,w+1), …, a(w,N−1)]`` (``[1]`` for the last
     window). For query window w (no earlier deltas, §8.4): a fresh δ at p_w takes ``affinity_steps`` Adam steps
@@ -409,7 +429,7 @@ class WindowTargets:
     affinity: list[list[float]] | None = None  # [1, a(w,w+1), …] per window (context-affinity only)
 
 
-def optimise_windows(model, layout, layer: int, requests: list[UnstructuredRequest], cfg: WindowConfig,
+def optimise_windows(model, layout, layer: int, requests: list[WindowedSequence], cfg: WindowConfig,
                      affinities: list[list[list[float]]] | None = None, pad: int = 0) -> list[WindowTargets]:
     """§8.2 for a batch of requests: windows in order w = 0, 1, …; at step w every request with a window w
     optimises its own δ_w in one batched forward, with its δ_0 … δ_{w−1} re-added (frozen). ``layer`` is
@@ -451,7 +471,7 @@ def optimise_windows(model, layout, layer: int, requests: list[UnstructuredReque
 
 
 def compute_window_targets(model, tok, layout, layer: int, questions: list[str], answers: list[str],
-                           cfg: WindowConfig) -> tuple[list[UnstructuredRequest], list[WindowTargets]]:
+                           cfg: WindowConfig) -> tuple[list[WindowedSequence], list[WindowTargets]]:
     """Tokenise (:func:`tokenize_unstructured`, W = ``cfg.window_size``, one window for one_for_all) and optimise."""
     W = None if cfg.method == "one_for_all" else cfg.window_size
     reqs = [tokenize_unstructured(tok, q, a, W, cfg.on_mismatch) for q, a in zip(questions, answers, strict=True)]
@@ -490,7 +510,7 @@ def _gather(model, requests, capture, pad: int, chunk: int, preservation: bool):
     return torch.cat(mem), (torch.cat(rest) if preservation else None)
 
 
-def compute_window_keys(model, layout, layer: int, requests: list[UnstructuredRequest], preservation: bool = False,
+def compute_window_keys(model, layout, layer: int, requests: list[WindowedSequence], preservation: bool = False,
                         pad: int = 0, chunk: int = 16) -> WindowKeys:
     """§8.5 keys at ``layer``: one column per window of every request (the input of the edited matrix at the
     memory position in question ⧺ answer), and with ``preservation`` the preservation keys K_p at all other
@@ -501,9 +521,33 @@ def compute_window_keys(model, layout, layer: int, requests: list[UnstructuredRe
     return WindowKeys(K.T.contiguous(), cols, K_p.T.contiguous() if K_p is not None else None)
 
 
-def compute_window_states(model, layout, layer: int, requests: list[UnstructuredRequest], pad: int = 0,
+def compute_window_states(model, layout, layer: int, requests: list[WindowedSequence], pad: int = 0,
                           chunk: int = 16) -> torch.Tensor:
     """[Σ_r N_r, d]: block-``layer`` output at every memory position (request-then-window), current model —
     H_L of the residual R = (Z − H_L)/(m − i) in the §4 layer loop."""
     blocks = {layer: block_module(model, layout, layer)}
     return _gather(model, requests, lambda: capture_outputs(blocks), pad, chunk, False)[0]
+
+
+class WindowColumns:
+    """The columns of an unstructured batch for :func:`lit_edit.editing.apply_batch`: one target column per window
+    of every request (request-then-window), then, with ``preservation``, one column per other real position of the
+    same sequences with residual 0 (§8.5: their outputs are kept). Every column carries its request's ledger id,
+    so removing the edit later drops its windows and its preservation columns together."""
+
+    def __init__(self, seqs: list[WindowedSequence], fact_ids: list[str], preservation: bool, pad: int):
+        self.seqs, self.preservation, self.pad = seqs, preservation, pad
+        self.n_targets = sum(s.N for s in seqs)
+        self.ids = [f for s, f in zip(seqs, fact_ids, strict=True) for _ in range(s.N)]
+        if preservation:
+            self.ids += [f for s, f in zip(seqs, fact_ids) for _ in range(len(s.full_ids) - s.N)]
+
+    def keys(self, model, layout, layers: list[int]) -> dict[int, torch.Tensor]:
+        out = {}
+        for l in layers:
+            wk = compute_window_keys(model, layout, l, self.seqs, self.preservation, self.pad)
+            out[l] = torch.cat([wk.K, wk.K_p], 1) if wk.K_p is not None else wk.K
+        return out
+
+    def states(self, model, layout, layer: int) -> torch.Tensor:
+        return compute_window_states(model, layout, layer, self.seqs, self.pad)

@@ -132,6 +132,16 @@ class UnstructuredRequest:
     subject: str | None = None
     original_answer: str | None = None
     extra: dict = field(default_factory=dict)
+    op: str = "insert"  # as EditRequest.op: "replace" / "remove" find the earlier edit of the same question
+
+    @property
+    def writes(self) -> bool:
+        return self.op != "remove"
+
+    @property
+    def fact_id(self) -> str:
+        """What the edit is keyed by in the solver's ledger: the question (all of its window columns)."""
+        return self.question
 
     @property
     def para_question(self) -> str | None:
@@ -159,6 +169,8 @@ class UnstructuredRequest:
                 cid, "sub_answers",
                 f"{len(self.sub_answers)} sub-answers for {len(self.sub_questions)} sub-questions; need one each",
             )
+        if self.op not in OPERATIONS:
+            raise EditRequestError(cid, "op", f"must be one of {OPERATIONS}, got {self.op!r}")
         if self.source not in UNSTRUCTURED_SOURCES:
             raise EditRequestError(cid, "source", f"must be one of {UNSTRUCTURED_SOURCES}, got {self.source!r}")
         if self.category is not None and not _nonempty_str(self.category):

@@ -91,7 +91,7 @@ def long_record(world: World, subject: str, case_id: int | str = 0, *, min_sente
         out = []
         for slot in slots:
             if slot[0] == "fact":
-                r, template = facts[slot[1]][0], facts[slot[1]][1]
+                template = facts[slot[1]][1]
                 out.append(_fact_sentence(template, subject, facts[slot[1]][which]))
             elif slot[0] == "object":
                 o = facts[slot[1]][which]

@@ -67,11 +67,20 @@ def metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["alphaedit", "metake"])
+METHODS = {
+    "alphaedit": [],
+    "metake": ["--model.metake", '{"T": 4, "eta": 0.05}'],
+    # unstructured: the world's biographies, μKE windows of 2 tokens (one column per window of every request)
+    "muke": ["--model.windows", '{"method": "muke", "window_size": 2, "coefficients": "matryoshka", "v_num_grad_steps": 10}',
+             "--data.dataset", "world_long", "--model.layers", "[0, 1, 2]", "--model.eval_every_n_steps", "0"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_edit_like_one(tiny_world, tmp_path, method):
     """Same stream (9 requests, batch 4 on 1 or 2 ranks: the last global batch has 1 request, so rank 1 gets none),
     same final weights and metrics.json; every request edited exactly once (ledger)."""
-    extra = ["--model.metake", '{"T": 4, "eta": 0.05}'] if method == "metake" else []
+    extra = METHODS[method]
     one = run_cli(tmp_path / "one", 1, "--model.export_dir", str(tmp_path / "w1"), *extra)
     two = run_cli(tmp_path / "two", 2, "--model.export_dir", str(tmp_path / "w2"), *extra)
     assert compare(tmp_path / "w1", tmp_path / "w2") <= 1e-5

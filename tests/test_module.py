@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_edit.data import EditDataModule
-from lit_edit.editing import EditStepError, apply_batch, compute_block_states, compute_keys
+from lit_edit.editing import EditStepError, FactColumns, apply_batch, compute_block_states, compute_keys
 from lit_edit.layouts import get_weight
 from lit_edit.module import EditModule
 from lit_edit.requests import EditRequestError
@@ -129,7 +129,8 @@ def test_gate_equals_the_update_written_into_the_model(tiny_world, solver):
     R = torch.randn(H.shape[1], len(reqs), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     M = module.solver.gate(2, K)
     before = get_weight(m, lay, 2).double().clone()
-    apply_batch(m, tok, lay, module.solver, [2], reqs, H.double() + R.T, module.context, "subject_first")
+    apply_batch(m, lay, module.solver, [2], reqs, H.double() + R.T,
+                lambda w: FactColumns(tok, w, module.context, "subject_first"))
     torch.testing.assert_close(get_weight(m, lay, 2).double() - before, R @ M, rtol=1e-4, atol=1e-6)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from lit_edit.hooks import rewrite_output
 from lit_edit.layouts import block_module, edited_module, get_layout
-from lit_edit.muke import (UnstructuredRequest, WindowConfig, affinity_lambdas, compute_affinities,
+from lit_edit.muke import (WindowedSequence, WindowConfig, affinity_lambdas, compute_affinities,
                            compute_window_keys, compute_window_states, compute_window_targets,
                            matryoshka_token_weights, memory_positions, optimise_windows, split_windows,
                            tokenize_unstructured)
@@ -34,12 +34,12 @@ def make_requests(tok, window=W):
     for q, t in ((4, 7), (6, 2), (3, 6)):
         ids = torch.randint(1, len(tok), (q + t,), generator=g).tolist()
         T = len(ids[q:])
-        out.append(UnstructuredRequest(tuple([0] + ids[:q - 1]), tuple(ids[q:]), tuple(split_windows(T, window))))
+        out.append(WindowedSequence(tuple([0] + ids[:q - 1]), tuple(ids[q:]), tuple(split_windows(T, window))))
     return out
 
 
 def one_window(r):
-    return UnstructuredRequest(r.question_ids, r.target_ids, ((0, r.T),))
+    return WindowedSequence(r.question_ids, r.target_ids, ((0, r.T),))
 
 
 # ---------------------------------------------------------------------------------------------- windows, tokens
@@ -55,9 +55,9 @@ def test_split_windows_edge_cases():
         with pytest.raises(ValueError, match="must be an integer >= 1"):
             split_windows(T, Wn)
     with pytest.raises(ValueError, match="contiguous"):
-        UnstructuredRequest((0,), (1, 2, 3), ((0, 2), (1, 3)))
+        WindowedSequence((0,), (1, 2, 3), ((0, 2), (1, 3)))
     with pytest.raises(ValueError, match="at least one token"):
-        UnstructuredRequest((), (1,), ((0, 1),))
+        WindowedSequence((), (1,), ((0, 1),))
 
 
 def test_tokenize_unstructured(setup):
@@ -389,3 +389,39 @@ def test_window_keys_and_states_batched_equal_single(setup):
     states = compute_window_states(model, layout, LAYER, reqs, chunk=2)
     torch.testing.assert_close(states, torch.cat(H), rtol=1e-12, atol=1e-12)
     assert compute_window_keys(model, layout, LAYER, reqs).K_p is None
+
+
+def test_batch_update_with_preservation_keys_is_eq_8_5(setup):
+    """§8.5 through apply_batch: one layer, a fresh MEMIT solver, targets at that layer, preservation on. The written
+    Δ must equal R Kᵀ (λ C0 + K_p K_pᵀ + K Kᵀ)⁻¹ computed here from the keys, with R = Z − H; the ledger gets every
+    window and preservation column under its request's id."""
+    from lit_edit.editing import apply_batch
+    from lit_edit.layouts import get_weight
+    from lit_edit.muke import WindowColumns
+    from lit_edit.requests import UnstructuredRequest
+    from lit_edit.solvers import MEMIT
+
+    tok, model, layout = setup
+    model = tiny_gpt2(tok, n_layer=3, n_embd=32)  # a private copy: this test writes
+    seqs = make_requests(tok)
+    reqs = [UnstructuredRequest(i, f"question {i}", "answer") for i in range(len(seqs))]
+    d_in = get_weight(model, layout, LAYER).shape[1]
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    C0 = A @ A.T / d_in + torch.eye(d_in, dtype=torch.float64)
+    lam = 3.0
+    solver = MEMIT(mom2_update_weight=lam)
+    solver.setup({LAYER: C0})
+    cols = WindowColumns(seqs, [r.fact_id for r in reqs], preservation=True, pad=0)
+    keys = compute_window_keys(model, layout, LAYER, seqs, preservation=True)
+    H = compute_window_states(model, layout, LAYER, seqs)
+    Z = H + torch.randn(H.shape, generator=g, dtype=H.dtype)
+    W0 = get_weight(model, layout, LAYER).clone()
+    apply_batch(model, layout, solver, [LAYER], reqs, Z, lambda writes: cols)
+    K, K_p = keys.K, keys.K_p
+    expected = (Z - H).T @ K.T @ torch.linalg.inv(lam * C0 + K_p @ K_p.T + K @ K.T)
+    torch.testing.assert_close(get_weight(model, layout, LAYER) - W0, expected, rtol=1e-8, atol=1e-10)
+    n_t, n_p = K.shape[1], K_p.shape[1]
+    assert cols.n_targets == n_t and len(cols.ids) == n_t + n_p
+    assert n_p == sum(len(s.full_ids) - s.N for s in seqs)
+    assert solver.ledger_ids == cols.ids and solver.knows("question 0")
