@@ -40,6 +40,7 @@ class EditPlan:
     started: float = field(default_factory=time.perf_counter)
     refinement: Refinement | None = None  # MetaKE's refinement of the targets, when configured
     columns_of: list[list[int]] | None = None  # rows of Z per write (unstructured: one per window); None = one each
+    beta_hat: torch.Tensor | None = None  # empirical realisation per write, filled after the write (MetaKE runs)
 
     @property
     def writes(self) -> list[EditRequest]:
@@ -115,6 +116,8 @@ class EditModule(L.LightningModule):
         eval_every_n_steps: evaluate all requests edited so far every N steps (retention curve); 0 = never.
         eval_pre: evaluate the unedited model on the whole stream once (the ``pre.`` metrics).
         export_dir: if set, ``save_pretrained`` the edited model (safetensors) at the end of fit.
+        independent: evaluate each batch right after its edit, then restore the edited weights and the solver state
+            (the non-sequential protocol of MUKE and EasyEdit); the final metrics are those per-batch scores.
         sync_check_every_n_steps: under DDP, compare a checksum of the edited weights across ranks every N steps
             (a raise if they ever differ); 0 = never. No-op on one process.
     """
@@ -125,7 +128,7 @@ class EditModule(L.LightningModule):
                  stats: StatsConfig = StatsConfig(),
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
-                 export_dir: str | None = None, sync_check_every_n_steps: int = 1) -> None:
+                 export_dir: str | None = None, sync_check_every_n_steps: int = 1, independent: bool = False) -> None:
         super().__init__()
         # LightningCLI re-applies a checkpoint's hyper_parameters over the command line on --ckpt_path: keep out the
         # options a resumed run may change (where to export, how often to evaluate or check) and anything that is
@@ -154,6 +157,8 @@ class EditModule(L.LightningModule):
         self.eval_pre = eval_pre
         self.export_dir = export_dir
         self.sync_check_every_n_steps = sync_check_every_n_steps
+        self.independent = independent
+        self.post_records: dict = {}  # independent runs: case_id -> scores right after its own batch
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None
@@ -185,10 +190,7 @@ class EditModule(L.LightningModule):
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
-            scored = [r for r in self.requests if r.writes]
-            mine = [scored[i] for i in dist.shard(len(scored))]  # each rank scores its shard, all keep the union
-            parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], self.record_scores(mine) if mine else [])))
-            self.pre_records = dict(pair for part in parts for pair in part)
+            self.pre_records = self.scored_records([r for r in self.requests if r.writes])
 
     def validate_lengths(self, requests: list[EditRequest]) -> None:
         """The longest sequence a request produces must fit the model's context (checked before any edit)."""
@@ -324,6 +326,13 @@ class EditModule(L.LightningModule):
         gens = generate_answers(self.llm, self.tok, requests, chat=cfg.chat, template=cfg.template)
         return score_generations(requests, gens, style=cfg.metric_style)
 
+    def scored_records(self, requests: list) -> dict:
+        """case_id -> :meth:`record_scores` of ``requests`` on the current model; under DDP each rank scores its shard
+        and every rank gets the union."""
+        mine = [requests[i] for i in dist.shard(len(requests))]
+        parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], self.record_scores(mine) if mine else [])))
+        return dict(pair for part in parts for pair in part)
+
     def record_info(self, r) -> dict:
         """What a per-record breakdown needs besides the scores: the answer length in tokens (unstructured)."""
         if self.window_cfg is None:
@@ -348,6 +357,7 @@ class EditModule(L.LightningModule):
         beta_hat = ((post - ref.H) * r).sum(-1) / (r.pow(2).sum(-1) + 1e-12)
         self.log("metake/beta_hat_mean", beta_hat.mean(), batch_size=len(writes))
         self._histograms({"metake/beta_hat": beta_hat})
+        plan.beta_hat = beta_hat.detach().cpu()
 
     def on_edit_applied(self, plan: EditPlan, stats: StepStats) -> None:
         """Called by ClosedFormEdit after a successful write: ledger, logs, retention evaluation."""
@@ -369,13 +379,18 @@ class EditModule(L.LightningModule):
         if writes and plan.refinement is not None:
             self.log_realisation(plan)
         if writes:
-            scores = self.evaluate(writes, metrics=self.batch_metrics)
+            if self.independent:  # the final metrics are these scores: keep them per record
+                got = self.scored_records(writes)
+                self.post_records.update(got)
+                scores = self.evaluate([], [got[r.case_id] for r in writes], metrics=self.batch_metrics)
+            else:
+                scores = self.evaluate(writes, metrics=self.batch_metrics)
             self.log_dict({f"batch/{k}": v for k, v in scores.items()}, batch_size=len(writes), prog_bar=True)
         if self.sync_check_every_n_steps and self.global_step % self.sync_check_every_n_steps == 0:
             dist.assert_in_sync(self.edited_weights(), f"edited weights after step {self.global_step}")
         self.log("n_edits", float(len(self.edited_ids)), batch_size=n)
         step = self.global_step
-        if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
+        if self.eval_every_n_steps and step % self.eval_every_n_steps == 0 and not self.independent:
             scores = self.evaluate(self.edited_requests())
             # straight to the logger: self.log from a batch-end hook re-emits the cached value at every later
             # step until it is logged again (measured: 5 identical points per 5-step interval in TensorBoard)
@@ -401,6 +416,11 @@ class EditModule(L.LightningModule):
                     line["residual_norm"] = {l: sum(v[c] for c in cols) / len(cols) for l, v in stats.request_residual.items()}
                     if plan.columns_of is not None:
                         line["windows"] = len(cols)
+                    if plan.refinement is not None:  # §7.5 diagnostics per request (benchmarks/realisation_bins.py)
+                        line["rho"] = float(plan.refinement.rho[j])
+                        line["beta"] = float(plan.refinement.beta[j])
+                        if plan.beta_hat is not None:
+                            line["beta_hat"] = float(plan.beta_hat[j])
                     j += 1
                 if r.fact_id in dropped:
                     line["forget_norm"] = stats.forget_norm
@@ -431,9 +451,7 @@ class EditModule(L.LightningModule):
         edited = self.edited_requests()
         if not edited:
             return
-        mine = [edited[i] for i in dist.shard(len(edited))]  # each rank scores its shard; all keep the union
-        parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], self.record_scores(mine) if mine else [])))
-        post = dict(pair for part in parts for pair in part)
+        post = self.post_records if self.independent else self.scored_records(edited)
         self.final_scores = self.evaluate([], [post[r.case_id] for r in edited])
         pre = [self.pre_records[r.case_id] for r in edited if r.case_id in self.pre_records]
         pre_scores = self.evaluate([], pre) if pre else {}
@@ -471,6 +489,7 @@ class EditModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lit_edit"] = {"solver": self.solver.state_dict(), "context": self.context,
                                   "edited_ids": list(self.edited_ids), "pre_records": self.pre_records,
+                                  "post_records": self.post_records,
                                   "n_removed": self.n_removed,
                                   "model": self.model_name, "layers": self.layers,
                                   "solver_class": type(self.solver).__name__}
@@ -487,6 +506,7 @@ class EditModule(L.LightningModule):
         self.edited_ids = list(state["edited_ids"])
         self.n_removed = int(state.get("n_removed", 0))
         self.pre_records = state["pre_records"]
+        self.post_records = state.get("post_records", {})
 
 
 def print_table(result: dict, n: int, keys: tuple[str, ...] = KEYS) -> None:
@@ -504,8 +524,15 @@ class ClosedFormEdit(L.Callback):
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
         plan: EditPlan = outputs["plan"]
         m = pl_module
+        if m.independent:  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
+            saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
         stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, m.columns)
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "mark_applied"):
             dm.mark_applied()
         m.on_edit_applied(plan, stats)
+        if m.independent:
+            with torch.no_grad():
+                for w, w0 in zip(m.edited_weights(), saved[0]):
+                    w.copy_(w0)
+            m.solver.load_state_dict(saved[1])

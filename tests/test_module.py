@@ -218,3 +218,21 @@ def test_removing_an_unknown_fact_is_refused_before_any_edit(tiny_world, tmp_pat
         make_trainer(tmp_path, ckpt=False).fit(module, EditDataModule(dataset="counterfact", path=str(path), batch_size=1))
     assert repr(rec["case_id"]) in str(err.value) and "'op'" in str(err.value)
     assert module.solver.n_edits == 0
+
+
+def test_independent_mode_scores_each_batch_then_restores(tiny_world, tmp_path):
+    """independent=True (MUKE/EasyEdit protocol): each batch is scored right after its own edit, then the weights and
+    the solver state go back; the run ends on the unedited weights and reports the per-batch scores."""
+    module, dm = make_module(independent=True), EditDataModule(path="world:tiny", limit=6, batch_size=3)
+    fresh = make_module()
+    fresh.configure_model()
+    before = edited_weights(fresh)
+    trainer = make_trainer(tmp_path, ckpt=False)
+    trainer.fit(module, dm)
+    for l, w in edited_weights(module).items():
+        assert torch.equal(w, before[l])
+    assert module.solver.state_dict()["n_edits"] == 0
+    metrics = json.loads((__import__("pathlib").Path(trainer.log_dir) / "metrics.json").read_text())
+    assert metrics["n_edits"] == 6 and set(module.post_records) == {r.case_id for r in dm.requests}
+    assert metrics["efficacy"] >= metrics["pre.efficacy"] + 0.3  # the edits landed while they were in
+    assert metrics["efficacy"] == pytest.approx(sum(s["efficacy"] for s in module.post_records.values()) / 6)

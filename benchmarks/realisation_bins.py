@@ -1,0 +1,82 @@
+"""MetaKE §7.5 realisation diagnostics of finished runs: requests sorted by association ρ, 13 quantile bins, mean
+predicted β and empirical β̂ (± standard error) per bin, and efficacy per bin (from scores.jsonl); then efficacy of
+the top and bottom 20 % by ρ (the groups of the paper's KL-strength sweep).
+
+    python benchmarks/realisation_bins.py runs/world_metake/version_0 [more run dirs ...] [--bins 13]
+
+A run dir needs ``edits.jsonl`` with per-request ``rho``/``beta``/``beta_hat`` (written by MetaKE runs, any
+``bilevel``, so ``metake.bilevel: none`` gives the plain solver's diagnostics) and ``scores.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def load(run: Path) -> list[dict]:
+    scores = {}
+    if (run / "scores.jsonl").exists():
+        scores = {json.loads(l)["case_id"]: json.loads(l) for l in (run / "scores.jsonl").read_text().splitlines()}
+    rows = []
+    for line in (run / "edits.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if "rho" in e and e["case_id"] in scores:  # still a live edit at the end (not replaced or removed)
+            rows.append({**e, "efficacy": scores[e["case_id"]].get("efficacy")})
+    if not rows:
+        raise SystemExit(f"{run}: no per-request rho in edits.jsonl (not a MetaKE run?) or no scores.jsonl")
+    return rows
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def bins(rows: list[dict], n_bins: int) -> list[list[dict]]:
+    rows = sorted(rows, key=lambda r: r["rho"])
+    edges = [round(i * len(rows) / n_bins) for i in range(n_bins + 1)]
+    return [rows[a:b] for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
+    sy = math.sqrt(sum((b - my) ** 2 for b in y))
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sx * sy) if sx and sy else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--bins", type=int, default=13)
+    args = ap.parse_args()
+    results = []
+    for run in args.runs:
+        rows = load(run)
+        print(f"\n{run}: {len(rows)} requests")
+        print(f"{'bin':>4} {'n':>4} {'rho':>10} {'beta':>7} {'beta_hat':>16} {'efficacy':>9}")
+        for i, b in enumerate(bins(rows, args.bins)):
+            rho = sum(r["rho"] for r in b) / len(b)
+            beta = sum(r["beta"] for r in b) / len(b)
+            bh, se = mean_se([r.get("beta_hat", float("nan")) for r in b])
+            eff = [r["efficacy"] for r in b if r["efficacy"] is not None]
+            print(f"{i:>4} {len(b):>4} {rho:>10.4g} {beta:>7.3f} {bh:>9.3f} ± {se:<5.3f} "
+                  f"{sum(eff) / len(eff) if eff else float('nan'):>9.3f}")
+        k = max(1, len(rows) // 5)
+        by_rho = sorted(rows, key=lambda r: r["rho"])
+        low, high = by_rho[:k], by_rho[-k:]
+        eff = lambda g: sum(r["efficacy"] for r in g) / len(g)  # noqa: E731
+        r_bb = pearson([r["beta"] for r in rows if "beta_hat" in r], [r["beta_hat"] for r in rows if "beta_hat" in r])
+        print(f"efficacy bottom 20 % by rho {eff(low):.3f}, top 20 % {eff(high):.3f}; corr(beta, beta_hat) {r_bb:.3f}")
+        results.append(f"{run.parent.name}_low={eff(low):.4f} {run.parent.name}_high={eff(high):.4f} "
+                       f"{run.parent.name}_corr={r_bb:.4f}")
+    print("RESULT " + " ".join(results))
+
+
+if __name__ == "__main__":
+    main()
