@@ -110,7 +110,8 @@ class WindowedSequence:
 
     @property
     def full_ids(self) -> list[int]:
-        """question ⧺ target (length Q + T): the sequence the keys are read from (§8.5)."""
+        """question ⧺ target (length Q + T). Keys are read from :attr:`input_ids` instead: the last answer token is
+        never a memory position, and Q + T − 1 tokens is what the context check allows."""
         return list(self.question_ids) + list(self.target_ids)
 
     @property
@@ -495,7 +496,7 @@ def _gather(model, requests, capture, pad: int, chunk: int, preservation: bool):
     mem, rest = [], []
     for c in range(0, len(requests), chunk):
         part = requests[c: c + chunk]
-        ids, mask = pad_batch([r.full_ids for r in part], pad)
+        ids, mask = pad_batch([r.input_ids for r in part], pad)  # Q + T − 1 tokens: what fits the context
         with capture() as store, torch.no_grad():
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
         (x,) = store.values()
@@ -513,7 +514,7 @@ def _gather(model, requests, capture, pad: int, chunk: int, preservation: bool):
 def compute_window_keys(model, layout, layer: int, requests: list[WindowedSequence], preservation: bool = False,
                         pad: int = 0, chunk: int = 16) -> WindowKeys:
     """§8.5 keys at ``layer``: one column per window of every request (the input of the edited matrix at the
-    memory position in question ⧺ answer), and with ``preservation`` the preservation keys K_p at all other
+    memory position in question ⧺ answer minus its last token), and with ``preservation`` the preservation keys K_p at all other
     real (non-padding) positions of the same sequences, row-major (request, position)."""
     mods = {layer: edited_module(model, layout, layer)}
     K, K_p = _gather(model, requests, lambda: capture_inputs(mods), pad, chunk, preservation)
@@ -540,7 +541,7 @@ class WindowColumns:
         self.n_targets = sum(s.N for s in seqs)
         self.ids = [f for s, f in zip(seqs, fact_ids, strict=True) for _ in range(s.N)]
         if preservation:
-            self.ids += [f for s, f in zip(seqs, fact_ids) for _ in range(len(s.full_ids) - s.N)]
+            self.ids += [f for s, f in zip(seqs, fact_ids) for _ in range(len(s.input_ids) - s.N)]
 
     def keys(self, model, layout, layers: list[int]) -> dict[int, torch.Tensor]:
         out = {}

@@ -363,7 +363,7 @@ def test_window_keys_and_states_batched_equal_single(setup):
     assert keys.columns == [(i, w) for i, r in enumerate(reqs) for w in range(r.N)]
     n_mem = sum(r.N for r in reqs)
     assert keys.K.shape == (128, n_mem)  # c_proj input = 4·n_embd
-    assert keys.K_p.shape == (128, sum(r.Q + r.T - r.N for r in reqs))
+    assert keys.K_p.shape == (128, sum(r.Q + r.T - 1 - r.N for r in reqs))
     K, K_p, H = [], [], []
     for r in reqs:
         one = compute_window_keys(model, layout, LAYER, [r], preservation=True)
@@ -377,10 +377,10 @@ def test_window_keys_and_states_batched_equal_single(setup):
 
         h = edited_module(model, layout, LAYER).register_forward_pre_hook(grab)
         try:
-            hs = model(input_ids=torch.tensor([r.full_ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+            hs = model(input_ids=torch.tensor([r.input_ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
         finally:
             h.remove()
-        rest = [p for p in range(r.Q + r.T) if p not in r.positions]
+        rest = [p for p in range(r.Q + r.T - 1) if p not in r.positions]
         torch.testing.assert_close(one.K, got["x"][r.positions].T)
         torch.testing.assert_close(one.K_p, got["x"][rest].T)
         torch.testing.assert_close(H[-1], hs[r.positions])
@@ -423,5 +423,18 @@ def test_batch_update_with_preservation_keys_is_eq_8_5(setup):
     torch.testing.assert_close(get_weight(model, layout, LAYER) - W0, expected, rtol=1e-8, atol=1e-10)
     n_t, n_p = K.shape[1], K_p.shape[1]
     assert cols.n_targets == n_t and len(cols.ids) == n_t + n_p
-    assert n_p == sum(len(s.full_ids) - s.N for s in seqs)
+    assert n_p == sum(len(s.input_ids) - s.N for s in seqs)
     assert solver.ledger_ids == cols.ids and solver.knows("question 0")
+
+
+def test_keys_of_a_request_that_exactly_fills_the_context(setup):
+    """Q + T − 1 = n_positions is what the length check allows: keys, states and preservation keys must fit it
+    (reading them from question ⧺ full answer, Q + T tokens, overflowed the position table)."""
+    tok, model, layout = setup
+    n_pos = model.config.n_positions
+    q, t = 4, n_pos - 3
+    r = WindowedSequence(tuple(range(1, q + 1)), tuple(range(1, t + 1)), tuple(split_windows(t, 8)))
+    assert len(r.input_ids) == n_pos
+    keys = compute_window_keys(model, layout, LAYER, [r], preservation=True)
+    assert keys.K.shape[1] == r.N and keys.K_p.shape[1] == n_pos - r.N
+    assert compute_window_states(model, layout, LAYER, [r]).shape[0] == r.N
