@@ -41,7 +41,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
-from lit_edit.requests import EditRequest, EditRequestError, UnstructuredRequest
+from lit_edit.requests import EditRequest, EditRequestError, UnstructuredRequest, chat_prompt, edit_answer
+from lit_edit.tokens import bos_ids, context_length, encode
 
 log = logging.getLogger(__name__)
 
@@ -536,17 +537,13 @@ def request_lengths(request: UnstructuredRequest, tokenizer, *, template: str | 
     ``answer``: the edit target (answer plus end-of-turn string, :func:`~lit_edit.requests.edit_answer`);
     ``sub_answers``: the longest sub-answer.
     """
-    from lit_edit.requests import chat_prompt, edit_answer
-    from lit_edit.tokens import bos_ids
-
     n_bos = len(bos_ids(tokenizer))
 
     def prompt_len(question: str) -> int:
-        text = chat_prompt(question, tokenizer, template=template) if chat else question
-        return n_bos + len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else n_bos
+        return n_bos + text_len(chat_prompt(question, tokenizer, template=template) if chat else question)
 
     def text_len(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else 0
+        return len(encode(tokenizer, text))
 
     answer = edit_answer(request.answer, tokenizer, template=template) if chat else request.answer
     return {
@@ -570,8 +567,6 @@ def check_length(request: UnstructuredRequest, tokenizer, max_length, *, templat
     paraphrase + answer (``paraphrase_questions``) and every sub-question + its answer
     (``sub_questions``).
     """
-    from lit_edit.tokens import context_length
-
     limit = context_length(max_length)
     if limit is None:
         raise ValueError(f"cannot tell the model's context length from {type(max_length).__name__}")

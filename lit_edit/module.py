@@ -16,18 +16,18 @@ import lightning as L
 import torch
 
 from lit_edit import distributed as dist
-from lit_edit.editing import StepStats, apply_batch, compute_block_states
-from lit_edit.layouts import get_layout
+from lit_edit.data import check_lengths
+from lit_edit.editing import FactColumns, StepStats, apply_batch, compute_block_states
+from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.metake import MetaKEConfig, Refinement, refine_targets
-from lit_edit.editing import FactColumns
 from lit_edit.metrics import (KEYS, UNSTRUCTURED_KEYS, compute_metrics, generate_answers, make_metrics, record_scores,
                               score_generations, update_metrics)
 from lit_edit.muke import WindowColumns, WindowConfig, optimise_windows, windowed
-from lit_edit.requests import EditRequest, EditRequestError
+from lit_edit.requests import EditRequest, EditRequestError, UnstructuredRequest
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, layer_stats
 from lit_edit.targets import TargetConfig, TargetResult, compute_targets, hidden_size, opt_dtype
-from lit_edit.tokens import encode_prompt, fill_context, pad_id, target_ids
+from lit_edit.tokens import context_length, encode, encode_prompt, fill_context, pad_id, target_ids
 
 
 @dataclass
@@ -39,13 +39,20 @@ class EditPlan:
     targets: TargetResult | None  # None when the batch only removes edits
     started: float = field(default_factory=time.perf_counter)
     refinement: Refinement | None = None  # MetaKE's refinement of the targets, when configured
-    columns_of: list[list[int]] | None = None  # rows of Z per write (unstructured: one per window); None = one each
+    seqs: list | None = None  # unstructured: the writes' tokenised windows (WindowedSequence), in order
     beta_hat: torch.Tensor | None = None  # empirical realisation per write, filled after the write (MetaKE runs)
 
     @property
     def writes(self) -> list[EditRequest]:
-        """The requests with a row in Z (all but removals), in order."""
+        """The requests with rows in Z (all but removals), in order."""
         return [r for r in self.requests if r.writes]
+
+    @property
+    def columns_of(self) -> list[list[int]]:
+        """The rows of Z of each write: one each, or one per window for unstructured edits."""
+        sizes = [s.N for s in self.seqs] if self.seqs is not None else [1] * len(self.writes)
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        return [list(range(b, b + n)) for b, n in zip(starts, sizes)]
 
 
 def gather_targets(local: TargetResult | None, capacity: int, d: int, dtype: torch.dtype, device) -> TargetResult:
@@ -194,20 +201,17 @@ class EditModule(L.LightningModule):
 
     def validate_lengths(self, requests: list[EditRequest]) -> None:
         """The longest sequence a request produces must fit the model's context (checked before any edit)."""
-        kinds = {type(r).__name__ for r in requests}
-        want = "EditRequest" if self.window_cfg is None else "UnstructuredRequest"
-        if requests and kinds != {want}:
-            first = next(r for r in requests if type(r).__name__ != want)
-            raise EditRequestError(first.case_id, "question" if want == "EditRequest" else "prompt",
-                                   f"the stream holds {sorted(kinds)} but the module is configured for {want}s "
-                                   f"({'set model.windows for unstructured data' if want == 'EditRequest' else 'unset model.windows, or use an unstructured reader'})")
+        want = EditRequest if self.window_cfg is None else UnstructuredRequest
+        bad = next((r for r in requests if not isinstance(r, want)), None)
+        if bad is not None:
+            hint = "set model.windows for unstructured data" if want is EditRequest else "use an unstructured reader"
+            raise EditRequestError(bad.case_id, "prompt" if want is UnstructuredRequest else "question",
+                                   f"a {type(bad).__name__} in a run configured for {want.__name__}s: {hint}")
         if self.window_cfg is not None:
-            from lit_edit.data import check_lengths
-
             check_lengths([r for r in requests if r.writes], self.tok, self.llm, template=self.window_cfg.template,
                           chat=self.window_cfg.chat)
             return
-        limit = getattr(self.llm.config, "max_position_embeddings", None) or getattr(self.llm.config, "n_positions", None)
+        limit = context_length(self.llm)
         if not limit:
             return
         longest_ctx = max(self.context, key=len)
@@ -234,31 +238,17 @@ class EditModule(L.LightningModule):
 
     # -- the step -------------------------------------------------------------------------
     def training_step(self, batch: list, batch_idx: int):
-        """Targets for the batch's writes. Under DDP every rank gets the same global batch, optimises the targets of
-        its shard (:func:`lit_edit.distributed.shard`) and gathers everyone's, in the global order."""
-        if self.window_cfg is not None:
-            return self.unstructured_step(batch)
+        """Targets for the batch's writes: v* (§2, refined by MetaKE when configured) or, for unstructured edits,
+        one window target per window (§8). Under DDP every rank gets the same global batch, optimises the targets
+        of its shard (:func:`lit_edit.distributed.shard`) and gathers everyone's, in the global order."""
         started = time.perf_counter()
-        L_ = self.layers[-1]
         writes = [r for r in batch if r.writes]  # removals need no target
-        in_shard = dist.shard(len(batch))
-        own = [j for j, i in enumerate(i for i, r in enumerate(batch) if r.writes) if i in in_shard]
-        mine = [writes[j] for j in own]
-        capacity = len(dist.shard(len(batch), r=0))  # the largest shard
-        res = None
-        if writes:
-            local = None
-            if mine:
-                with torch.enable_grad():
-                    local = compute_targets(self.llm, self.tok, self.layout, L_, mine, self.context, self.target_cfg)
-            res = gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
-            self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
-                           "targets/steps": res.steps.float().mean(),
-                           "targets/delta_norm": res.delta.norm(dim=-1).mean()}, batch_size=len(writes))
+        seqs = [windowed(self.tok, r, self.window_cfg) for r in writes] if self.window_cfg is not None else None
+        res, own = self.shard_targets(batch, seqs) if writes else (None, [])
         # Lightning counts global_step through optimizer steps; with no optimizer it hands us a mock one whose
         # step() must be called inside training_step (ModelCheckpoint/max_steps read global_step).
         self.optimizers().step()
-        Z = res.v_star if res is not None else torch.zeros(0, self.llm.config.hidden_size, device=self.device)
+        Z = res.v_star if res is not None else torch.zeros(0, hidden_size(self.llm), device=self.device)
         ref = None
         if res is not None and self.metake_cfg is not None:
             with torch.enable_grad():
@@ -274,47 +264,44 @@ class EditModule(L.LightningModule):
             self._histograms({"metake/beta": ref.beta, "metake/rho": ref.rho})
             if ref.fidelity is not None:
                 self.log_dict({f"metake/{k}": v for k, v in ref.fidelity.items()}, batch_size=len(writes))
-        return {"plan": EditPlan(batch, Z, res, started, ref)}
+        return {"plan": EditPlan(batch, Z, res, started, ref, seqs)}
 
-    def unstructured_step(self, batch: list) -> dict:
-        """§8: window targets z_w at the last edited layer for every window of every write (One-for-All, AnyEdit or
-        μKE, batched over requests); one row of Z per window, request-then-window."""
-        started = time.perf_counter()
-        cfg, L_ = self.window_cfg, self.layers[-1]
-        writes = [r for r in batch if r.writes]
-        seqs = [windowed(self.tok, r, cfg) for r in writes]
-        in_shard = dist.shard(len(batch))
+    def shard_targets(self, batch: list, seqs: list | None) -> tuple[TargetResult, list[int]]:
+        """The targets of all writes of ``batch`` (one row per write, or per window of each write's ``seqs``),
+        of which this rank optimises its shard; returns them in the global order and the indices (among the
+        writes) of this rank's own."""
         write_pos = [i for i, r in enumerate(batch) if r.writes]
-        own = [j for j, i in enumerate(write_pos) if i in in_shard]
-        capacity = max(sum(seqs[j].N for j, i in enumerate(write_pos) if i in dist.shard(len(batch), r=r))
-                       for r in range(dist.world_size())) if writes else 0
-        res = None
-        if writes:
-            local = None
-            if own:
-                with torch.enable_grad():
-                    got = optimise_windows(self.llm, self.layout, L_, [seqs[j] for j in own], cfg, pad=pad_id(self.tok))
-                local = TargetResult(*(torch.cat([getattr(t, k) for t in got]) for k in ("z", "h_init", "delta")),
-                                     torch.cat([t.loss for t in got]), torch.cat([t.nll for t in got]),
-                                     torch.cat([t.steps for t in got]), [])
-            res = gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
-            self.log_dict({"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(),
-                           "targets/steps": res.steps.float().mean(), "targets/windows": float(len(res.loss)),
-                           "targets/delta_norm": res.delta.norm(dim=-1).mean()}, batch_size=len(writes))
-        self.optimizers().step()  # see training_step
-        Z = res.v_star if res is not None else torch.zeros(0, self.llm.config.hidden_size, device=self.device)
-        starts = [sum(s.N for s in seqs[:j]) for j in range(len(seqs))]
-        columns_of = [list(range(b, b + s.N)) for b, s in zip(starts, seqs)]
-        self._seqs = dict(zip([r.case_id for r in writes], seqs))
-        return {"plan": EditPlan(batch, Z, res, started, None, columns_of)}
+        writes = [batch[i] for i in write_pos]
+        n_rows = [s.N for s in seqs] if seqs is not None else [1] * len(writes)
+        shards = [dist.shard(len(batch), r=r) for r in range(dist.world_size())]
+        own = [j for j, i in enumerate(write_pos) if i in shards[dist.rank()]]
+        capacity = max(sum(n for n, i in zip(n_rows, write_pos) if i in sh) for sh in shards)  # gather width
+        local = None
+        if own:
+            with torch.enable_grad():
+                if seqs is None:
+                    local = compute_targets(self.llm, self.tok, self.layout, self.layers[-1], [writes[j] for j in own],
+                                            self.context, self.target_cfg)
+                else:
+                    got = optimise_windows(self.llm, self.layout, self.layers[-1], [seqs[j] for j in own],
+                                           self.window_cfg, pad=pad_id(self.tok))
+                    cat = lambda k: torch.cat([getattr(t, k) for t in got])  # noqa: E731
+                    local = TargetResult(cat("z"), cat("h_init"), cat("delta"), cat("loss"), cat("nll"), cat("steps"), [])
+        res = gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
+        logs = {"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(), "targets/steps": res.steps.float().mean(),
+                "targets/delta_norm": res.delta.norm(dim=-1).mean()}
+        if seqs is not None:
+            logs["targets/windows"] = float(len(res.loss))
+        self.log_dict(logs, batch_size=len(writes))
+        return res, own
 
-    def columns(self, writes: list):
-        """The column provider of a batch's writes for :func:`lit_edit.editing.apply_batch`."""
+    def columns(self, writes: list, seqs: list | None = None):
+        """The column provider of a batch's writes for :func:`lit_edit.editing.apply_batch` (``seqs``: the writes'
+        tokenised windows, when the step already has them)."""
         if self.window_cfg is None:
             return FactColumns(self.tok, writes, self.context, self.target_cfg.fact_token,
                                self.target_cfg.legacy_bos_shift)
-        seqs = [self._seqs[r.case_id] if r.case_id in getattr(self, "_seqs", {}) else windowed(self.tok, r, self.window_cfg)
-                for r in writes]
+        seqs = seqs if seqs is not None else [windowed(self.tok, r, self.window_cfg) for r in writes]
         return WindowColumns(seqs, [r.fact_id for r in writes], self.window_cfg.preservation, pad_id(self.tok))
 
     def record_scores(self, requests: list) -> list[dict[str, float]]:
@@ -337,8 +324,6 @@ class EditModule(L.LightningModule):
         """What a per-record breakdown needs besides the scores: the answer length in tokens (unstructured)."""
         if self.window_cfg is None:
             return {}
-        from lit_edit.tokens import encode
-
         return {"answer_tokens": len(encode(self.tok, r.answer)), "category": r.category}
 
     def _histograms(self, values: dict[str, torch.Tensor]) -> None:
@@ -405,16 +390,17 @@ class EditModule(L.LightningModule):
         dropped = set(stats.dropped)
         with open(Path(self.run_dir) / "edits.jsonl", "a") as f:
             j = 0  # index among the requests that wrote a value
+            columns_of = plan.columns_of
             for r in plan.requests:
                 line = {"case_id": r.case_id, "step": self.global_step, "operation": r.op, "fact": r.fact_id,
                         "layers": self.layers, "update_norm": stats.update_norm}
                 if r.op == "insert" and r.fact_id in dropped:
                     line["operation"] = "insert (replaced earlier edit)"
                 if r.writes:  # per target column; an unstructured edit has one column per window (their mean)
-                    cols = plan.columns_of[j] if plan.columns_of is not None else [j]
+                    cols = columns_of[j]
                     line["target_loss"] = round(float(plan.targets.loss[cols].mean()), 6)
                     line["residual_norm"] = {l: sum(v[c] for c in cols) / len(cols) for l, v in stats.request_residual.items()}
-                    if plan.columns_of is not None:
+                    if plan.seqs is not None:
                         line["windows"] = len(cols)
                     if plan.refinement is not None:  # §7.5 diagnostics per request (benchmarks/realisation_bins.py)
                         line["rho"] = float(plan.refinement.rho[j])
@@ -474,14 +460,10 @@ class EditModule(L.LightningModule):
 
     # -- checkpoints: only what changed ------------------------------------------------------
     def edited_weights(self) -> list[torch.Tensor]:
-        from lit_edit.layouts import get_weight
-
         return [get_weight(self.llm, self.layout, l) for l in self.layers]
 
     def edited_param_names(self) -> list[str]:
         names = {id(p): n for n, p in self.named_parameters()}
-        from lit_edit.layouts import edited_module
-
         return [names[id(edited_module(self.llm, self.layout, l).weight)] for l in self.layers]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -526,7 +508,8 @@ class ClosedFormEdit(L.Callback):
         m = pl_module
         if m.independent:  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
             saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
-        stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, m.columns)
+        stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z,
+                            lambda writes: m.columns(writes, plan.seqs))
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "mark_applied"):
             dm.mark_applied()

@@ -24,8 +24,21 @@ class EditRequestError(ValueError):
         super().__init__(f"edit record case_id={case_id!r}, field {field_name!r}: {message}")
 
 
+class _Operation:
+    """The operation a request carries (``op``: insert, replace or remove), shared by both request types."""
+
+    @property
+    def writes(self) -> bool:
+        """Whether the request writes a value (insert, replace); a removal only drops an earlier edit."""
+        return self.op != "remove"
+
+    def _check_op(self) -> None:
+        if self.op not in OPERATIONS:
+            raise EditRequestError(self.case_id, "op", f"must be one of {OPERATIONS}, got {self.op!r}")
+
+
 @dataclass
-class EditRequest:
+class EditRequest(_Operation):
     """A structured edit: ``prompt.format(subject)`` should be completed by ``target_new``.
 
     ``prompt`` holds exactly one ``{}`` for the subject. Evaluation prompts come with it:
@@ -50,11 +63,6 @@ class EditRequest:
     op: str = "insert"  # "insert" | "replace" (new value for an edited fact) | "remove" (forget an edited fact)
 
     @property
-    def writes(self) -> bool:
-        """Whether the request writes a value (insert, replace); a removal only drops an earlier edit."""
-        return self.op != "remove"
-
-    @property
     def fact_id(self) -> str:
         """The fact an edit writes: its filled prompt. ``replace`` and ``remove`` find earlier edits by it."""
         return self.filled_prompt
@@ -70,8 +78,7 @@ class EditRequest:
             raise EditRequestError(cid, "prompt", f"must contain exactly one '{{}}' for the subject, got {self.prompt!r}")
         if not isinstance(self.subject, str) or not self.subject.strip():
             raise EditRequestError(cid, "subject", "missing or empty")
-        if self.op not in OPERATIONS:
-            raise EditRequestError(cid, "op", f"must be one of {OPERATIONS}, got {self.op!r}")
+        self._check_op()
         if self.writes and (not isinstance(self.target_new, str) or not self.target_new.strip()):
             raise EditRequestError(cid, "target_new", "missing or empty")
         if self.writes and self.target_true is not None and self.target_new.strip() == self.target_true.strip():
@@ -97,7 +104,7 @@ def _nonempty_str(value) -> bool:
 
 
 @dataclass
-class UnstructuredRequest:
+class UnstructuredRequest(_Operation):
     """An unstructured edit: after ``question`` the model should answer with the long text ``answer``.
 
     ``question`` and ``answer`` are plain text as the dataset stores them: no chat template and no
@@ -135,10 +142,6 @@ class UnstructuredRequest:
     op: str = "insert"  # as EditRequest.op: "replace" / "remove" find the earlier edit of the same question
 
     @property
-    def writes(self) -> bool:
-        return self.op != "remove"
-
-    @property
     def fact_id(self) -> str:
         """What the edit is keyed by in the solver's ledger: the question (all of its window columns)."""
         return self.question
@@ -169,8 +172,7 @@ class UnstructuredRequest:
                 cid, "sub_answers",
                 f"{len(self.sub_answers)} sub-answers for {len(self.sub_questions)} sub-questions; need one each",
             )
-        if self.op not in OPERATIONS:
-            raise EditRequestError(cid, "op", f"must be one of {OPERATIONS}, got {self.op!r}")
+        self._check_op()
         if self.source not in UNSTRUCTURED_SOURCES:
             raise EditRequestError(cid, "source", f"must be one of {UNSTRUCTURED_SOURCES}, got {self.source!r}")
         if self.category is not None and not _nonempty_str(self.category):

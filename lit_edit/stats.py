@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from lit_edit.hooks import capture_inputs
 from lit_edit import distributed as dist
 from lit_edit.layouts import edited_module, weight_shape
-from lit_edit.tokens import pad_batch, pad_id
+from lit_edit.tokens import context_length, pad_batch, pad_id
 
 
 @dataclass
@@ -73,10 +73,10 @@ def compute_second_moments(model, tok, layout, layers: list[int], texts, max_len
     rank gets the statistic of the whole corpus (the same up to float64 summation order)."""
     dev = next(model.parameters()).device
     mods = {l: edited_module(model, layout, l) for l in layers}
-    sums = {l: torch.zeros(weight_shape(model, layout, l)[1], weight_shape(model, layout, l)[1], device=dev,
-                           dtype=torch.float64) for l in layers}
+    d_in = {l: weight_shape(model, layout, l)[1] for l in layers}
+    sums = {l: torch.zeros(d_in[l], d_in[l], device=dev, dtype=torch.float64) for l in layers}
     count = 0
-    cap = min(max_length, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", max_length))
+    cap = min(max_length, context_length(model) or max_length)
 
     def run(batch):
         nonlocal count

@@ -1,4 +1,7 @@
 """Small shared builders for tests: a tiny random GPT-2 and a BPE tokenizer trained on a few sentences."""
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -25,3 +28,16 @@ def tiny_requests():
             EditRequest(2, "{} works as a", "Tom Lund", "pilot of ships", "baker"),
             EditRequest(3, "{} speaks", "Mira Voss", "German", "French"),
             EditRequest(4, "The instrument of {} is the", "Ola Dunn", "drum", "violin")]
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A real benchmark sample from ``../shared/data``; the test is skipped, with the reason printed, without it."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        reason = f"real benchmark sample {path} not found (CI provides ../shared/data beside the checkout)"
+        print(reason)
+        pytest.skip(reason)
+    return path

@@ -30,25 +30,18 @@ from lit_edit.data import (
     read_zsre,
 )
 from lit_edit.requests import EditRequestError
+from tests.helpers import shared_file
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _shared_file(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"real benchmark sample {path} not found (CI provides ../shared/data beside the checkout)")
-    return path
 
 
 @pytest.fixture
 def counterfact_path() -> Path:
-    return _shared_file("counterfact_sample.json")
+    return shared_file("counterfact_sample.json")
 
 
 @pytest.fixture
 def zsre_path() -> Path:
-    return _shared_file("zsre_sample.json")
+    return shared_file("zsre_sample.json")
 
 
 def _cf_record(case_id, subject: str | None = None, **rewrite_overrides) -> dict:
@@ -149,7 +142,7 @@ def test_multi_rewrite_records_are_flattened(tmp_path):
 
 
 def test_akew_mquake_sample_flattens():
-    path = _shared_file("akew_mquake_sample.json")
+    path = shared_file("akew_mquake_sample.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     requests = read_counterfact(str(path))
     assert len(requests) == sum(len(rec["requested_rewrite"]) for rec in raw) == 62

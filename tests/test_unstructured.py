@@ -37,18 +37,8 @@ from lit_edit.requests import (
     edit_answer,
     end_of_turn,
 )
-from tests.helpers import tiny_tokenizer
+from tests.helpers import shared_file, tiny_tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _shared_file(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.is_file():
-        reason = f"real benchmark sample {path} not found (CI provides ../shared/data beside the checkout)"
-        print(reason)
-        pytest.skip(reason)
-    return path
 
 
 def _write_json(path: Path, records: list[dict]) -> Path:
@@ -70,7 +60,7 @@ def _unke_record(i, **overrides) -> dict:
 
 
 def test_unke_sample():
-    path = _shared_file("unke_sample.json")
+    path = shared_file("unke_sample.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     requests = read_unke(str(path))
     assert len(requests) == len(raw) == 50
@@ -100,7 +90,7 @@ def test_unke_sample():
 
 
 def test_akew_mquake_sample_first_rewrite_as_muke():
-    path = _shared_file("akew_mquake_sample.json")
+    path = shared_file("akew_mquake_sample.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     requests = read_akew(str(path))
     assert len(requests) == 50
@@ -121,7 +111,7 @@ def test_akew_mquake_sample_first_rewrite_as_muke():
 
 
 def test_akew_mquake_all_rewrites_and_all_triplets():
-    path = _shared_file("akew_mquake_sample.json")
+    path = shared_file("akew_mquake_sample.json")
     requests = read_akew(str(path), rewrites="all", n_sub=None)
     assert len(requests) == 62
     assert [r.case_id for r in requests[:8]] == [1, 6, "6_1", 14, 23, 24, "24_1", 30]
@@ -133,7 +123,7 @@ def test_akew_mquake_all_rewrites_and_all_triplets():
 
 def test_akew_counterfact_format(tmp_path):
     """AKEW's CounterFact file is not in the samples: build two records from the CounterFact sample."""
-    raw = json.loads(_shared_file("counterfact_sample.json").read_text(encoding="utf-8"))[:2]
+    raw = json.loads(shared_file("counterfact_sample.json").read_text(encoding="utf-8"))[:2]
     for record in raw:
         rw = record["requested_rewrite"]
         rw["prompt_full"] = rw["prompt"].format(rw["subject"])
@@ -157,7 +147,7 @@ def test_akew_counterfact_format(tmp_path):
 
 
 def test_editeverything_sample():
-    path = _shared_file("editeverything_sample.json")
+    path = shared_file("editeverything_sample.json")
     requests = read_editeverything(str(path))
     assert len(requests) == 50
     assert collections.Counter(r.category for r in requests) == {
@@ -226,7 +216,7 @@ def test_editeverything_bad_records(tmp_path):
 
 
 def test_akew_bad_triplet_and_unverified(tmp_path):
-    raw = json.loads(_shared_file("akew_mquake_sample.json").read_text(encoding="utf-8"))[:3]
+    raw = json.loads(shared_file("akew_mquake_sample.json").read_text(encoding="utf-8"))[:3]
     raw = copy.deepcopy(raw)
     raw[1]["requested_rewrite"][0]["unsfact_triplets_GPT"][2]["prompt"] = "no slot here"
     raw[2]["requested_rewrite"][0]["verify_unsfact_GPT"] = False
