@@ -22,17 +22,24 @@ template is trained for the same number of subjects. A subject's CounterFact
 paraphrase accuracy measures generalization of a known fact to a known phrasing, never
 memorisation.
 
-Neighbourhood prompts
----------------------
-``neighborhood_prompts`` are canonical prompts of *other* subjects with the same relation
-and the same true object (so ``target_true`` is also their correct answer). When fewer than
-``n_neighbors`` such subjects exist (small worlds), the list is filled up with canonical
-prompts of random other subjects of the relation whose true object is neither
-``target_true`` nor ``target_new``; for those, ``target_new`` is still wrong, but
-``target_true`` is not their answer either. :meth:`World.neighborhood_truth` gives the true
-object of every neighbourhood prompt. Facts are assigned in a balanced way (each object of a
-relation goes to ``n_subjects / n_objects`` subjects, +-1), so the ``default`` world
-(200 subjects, 15 objects per relation) never needs the fill-up.
+Subjects, edits and the background
+----------------------------------
+A subject is "First Last": the first name is unique, the last name one of ``n_surnames`` shared
+family names (or unique when ``n_surnames=0``). With two unique words the 4-block model keys
+some relations on the first name and others on the last (measured on the format-2 world:
+"plays the" followed the last name in 48 of 56 first/last-name swaps, the other five relations
+the first name in 51-56), so no single fact token carries every fact and one relation resisted
+every edit; with shared family names every relation follows the first name (49-66 of ~70 swaps).
+
+The last ``n_background`` subjects are never edited, like the bulk of a real model's entities:
+``neighborhood_prompts`` are canonical prompts of background subjects with the same relation
+and the same true object (up to ``n_neighbors``, no fill-up, so ``target_true`` is always
+their answer), ``attribute_prompts`` those of background subjects whose object is
+``target_new``, and the statistics corpus (:meth:`World.corpus_texts`) is the background's
+sentences plus the filler, so that no edited subject is a sizeable share of C0. Without a
+background (``n_background=0``, the ``tiny`` preset) neighbours are other subjects, filled up
+with subjects of other objects when too few share the true object, and the corpus is all text.
+:meth:`World.neighborhood_truth` gives the true object of every neighbourhood prompt.
 
 Training
 --------
@@ -67,7 +74,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-WORLD_FORMAT_VERSION = 2  # bump when generated content or training changes for an unchanged spec
+WORLD_FORMAT_VERSION = 3  # bump when generated content or training changes for an unchanged spec
 EOS = "<|endoftext|>"
 
 __all__ = [
@@ -107,6 +114,9 @@ class WorldSpec:
     seed: int = 0
     n_neighbors: int = 10
     n_attribute: int = 10
+    # subjects that are never edited: neighbourhood/attribute prompts and the statistics corpus come from them
+    n_background: int = 0
+    n_surnames: int = 0  # 0: every last name unique; k: last names drawn from k shared family names
     # tokenizer
     vocab_size: int = 2000
     # model
@@ -127,6 +137,10 @@ class WorldSpec:
     def __post_init__(self):
         if self.n_subjects < 12:
             raise ValueError(f"n_subjects must be >= 12, got {self.n_subjects}")
+        if not 0 <= self.n_background <= self.n_subjects - 2:
+            raise ValueError(f"n_background must be in 0..n_subjects-2, got {self.n_background}")
+        if self.n_surnames < 0:
+            raise ValueError(f"n_surnames must be >= 0, got {self.n_surnames}")
         if not 1 <= self.n_relations <= len(RELATIONS):
             raise ValueError(f"n_relations must be in 1..{len(RELATIONS)}, got {self.n_relations}")
         if self.n_objects < 3:
@@ -271,8 +285,11 @@ RELATIONS: tuple[Relation, ...] = (
 )
 
 PRESETS: dict[str, WorldSpec] = {
-    # 200 subjects x 6 relations, 4 blocks x 256 wide (~3.7 M parameters); ~2-3 min on 2 CPU cores.
-    "default": WorldSpec(),
+    # 300 subjects (200 edited, 100 background) x 6 relations, 4 blocks x 256 wide (~3.7 M parameters);
+    # ~4 min on 2 CPU cores.
+    "default": WorldSpec(n_subjects=300, n_background=100, n_surnames=24, n_objects=10, epochs=11),
+    # For long sequential runs (OTE-SE's 1000 edits): 1100 subjects (1000 edited, 100 background), same model.
+    "large": WorldSpec(n_subjects=1100, n_background=100, n_surnames=24, n_objects=10, epochs=8),
     # For tests: 48 subjects x 6 relations, 4 blocks x 128 wide (~0.9 M parameters); ~35 s on 2 CPU cores.
     "tiny": WorldSpec(
         n_subjects=48, n_objects=8, vocab_size=1000, n_layer=4, n_embd=128, n_head=4, epochs=12, lr=3e-3,
@@ -315,8 +332,9 @@ def _rng(seed: int, tag: str) -> random.Random:
     return random.Random(f"lit_edit.world:{seed}:{tag}")
 
 
-def _make_names(n: int, seed: int, forbidden: set[str]) -> list[str]:
-    """``n`` subjects "First Last", first and last names each unique.
+def _make_names(n: int, seed: int, forbidden: set[str], n_surnames: int = 0) -> list[str]:
+    """``n`` subjects "First Last": unique first names; last names unique (``n_surnames=0``) or drawn
+    from ``n_surnames`` shared family names, so that only the first name identifies the subject.
 
     Measured on the tiny preset (12 epochs, canonical top-1): two unique words 0.99; one unique
     word 0.30; a shared first name + unique last name 0.29 (0.84 after 30 epochs). The 4-layer
@@ -326,7 +344,21 @@ def _make_names(n: int, seed: int, forbidden: set[str]) -> list[str]:
     firsts: set[str] = set()
     lasts: set[str] = set()
     names: list[str] = []
+    family: list[str] = []
+    while len(family) < n_surnames:
+        last = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) + rng.choice(_ENDINGS)).capitalize()
+        if last not in family and last.lower() not in forbidden:
+            family.append(last)
+    lasts.update(family)
     while len(names) < n:
+        if family:
+            first = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_ONSETS) + rng.choice(_VOWELS)
+                     + rng.choice(_CODAS + ("",))).capitalize()
+            if first in firsts or first in lasts or first.lower() in forbidden:
+                continue
+            firsts.add(first)
+            names.append(f"{first} {family[len(names) % len(family)]}")
+            continue
         first = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_ONSETS) + rng.choice(_VOWELS)
                  + rng.choice(_CODAS + ("",))).capitalize()
         last = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) + rng.choice(_ENDINGS)).capitalize()
@@ -375,14 +407,24 @@ class World:
         r = self.relation(relation_id)
         return [r.canonical, *r.always, *self.trained_heldout[(subject, relation_id)]]
 
+    @property
+    def edit_subjects(self) -> list[str]:
+        """Subjects the CounterFact records edit (all but the background)."""
+        return self.subjects[: len(self.subjects) - self.spec.n_background]
+
+    @property
+    def background_subjects(self) -> list[str]:
+        """Subjects never edited: the source of neighbourhood prompts and of the statistics corpus."""
+        return self.subjects[len(self.subjects) - self.spec.n_background:]
+
     def subjects_with(self, relation_id: str, obj: str) -> list[str]:
         return [s for s in self.subjects if self.facts[(s, relation_id)] == obj]
 
     # -- texts ---------------------------------------------------------------------------------
-    def fact_sentences(self) -> list[str]:
-        """Every trained (subject, relation, template) sentence, in a fixed order."""
+    def fact_sentences(self, subjects: Sequence[str] | None = None) -> list[str]:
+        """Every trained (subject, relation, template) sentence (of ``subjects``, default all), in a fixed order."""
         out = []
-        for s in self.subjects:
+        for s in self.subjects if subjects is None else subjects:
             for r in self.relations:
                 obj = self.facts[(s, r.relation_id)]
                 for t in self.trained_templates(s, r.relation_id):
@@ -404,8 +446,16 @@ class World:
         return self.fact_sentences() + self.filler_texts()
 
     def corpus_texts(self) -> list[str]:
-        """Text corpus for second-moment key statistics: training sentences in a seeded order."""
-        texts = self.training_texts()
+        """Text corpus for second-moment key statistics, in a seeded order.
+
+        With a background (``n_background > 0``): the background subjects' sentences and the filler,
+        so that, as for a real model's Wikipedia statistics, no edited subject is a sizeable part of
+        C0 (else ``λC0`` and AlphaEdit's null space protect exactly the keys an edit must move).
+        Without one: all training sentences."""
+        if self.spec.n_background:
+            texts = self.fact_sentences(self.background_subjects) + self.filler_texts()
+        else:
+            texts = self.training_texts()
         _rng(self.spec.seed, "corpus").shuffle(texts)
         return texts
 
@@ -456,15 +506,16 @@ class World:
         spec = self.spec
         rng = _rng(spec.seed, "counterfact")
         records = []
-        for si, s in enumerate(self.subjects):
+        edited = self.edit_subjects
+        for si, s in enumerate(edited):
             for ri, r in enumerate(self.relations):
                 rid = r.relation_id
                 true = self.facts[(s, rid)]
                 new = rng.choice([o for o in r.objects if o != true])
-                others = [x for x in self.subjects if x != s]
+                others = self.background_subjects or [x for x in self.subjects if x != s]
                 same = [x for x in others if self.facts[(x, rid)] == true]
                 neigh = rng.sample(same, min(spec.n_neighbors, len(same)))
-                if len(neigh) < spec.n_neighbors:
+                if len(neigh) < spec.n_neighbors and not spec.n_background:  # fill-up only without a background
                     pool = [x for x in others if self.facts[(x, rid)] not in (true, new)]
                     neigh += rng.sample(pool, min(spec.n_neighbors - len(neigh), len(pool)))
                 attr = [x for x in others if self.facts[(x, rid)] == new]
@@ -490,10 +541,10 @@ class World:
         # seeded offset), shuffled within the round. So any prefix of up to n_subjects records edits
         # distinct subjects: two edits of one subject share their keys and would compete (§4).
         R = len(self.relations)
-        offset = {si: rng.randrange(R) for si in range(len(self.subjects))}
+        offset = {si: rng.randrange(R) for si in range(len(edited))}
         ordered = []
         for rnd in range(R):
-            batch = [records[si * R + (offset[si] + rnd) % R] for si in range(len(self.subjects))]
+            batch = [records[si * R + (offset[si] + rnd) % R] for si in range(len(edited))]
             rng.shuffle(batch)
             ordered += batch
         for i, rec in enumerate(ordered):
@@ -517,7 +568,7 @@ def build_world(spec: WorldSpec | str = "default") -> World:
 
     forbidden = {w.strip(".,").lower() for r in RELATIONS for t in r.templates + r.filler + r.objects for w in t.split()}
     forbidden |= {w.strip(".,").lower() for t in NEUTRAL_FILLER + GENERATION_TEMPLATES for w in t.split()}
-    subjects = _make_names(spec.n_subjects, spec.seed, forbidden)
+    subjects = _make_names(spec.n_subjects, spec.seed, forbidden, spec.n_surnames)
 
     facts: dict[tuple[str, str], str] = {}
     trained: dict[tuple[str, str], tuple[str, ...]] = {}

@@ -96,12 +96,17 @@ def test_templates_are_well_formed():
     assert len({r.relation_id for r in RELATIONS}) == len(RELATIONS) == 6
 
 
-@pytest.mark.parametrize("name", ["tiny", "default"])
+@pytest.mark.parametrize("name", ["tiny", "default", "large"])
 def test_world_facts_and_heldout_split(name):
     w = build_world(name)
     spec = PRESETS[name]
     assert len(w.subjects) == len(set(w.subjects)) == spec.n_subjects
     assert all(len(s.split()) == 2 for s in w.subjects)
+    firsts, lasts = [s.split()[0] for s in w.subjects], {s.split()[1] for s in w.subjects}
+    assert len(set(firsts)) == len(firsts) and not set(firsts) & lasts  # the first name identifies the subject
+    assert len(lasts) == (spec.n_surnames or spec.n_subjects)
+    assert w.edit_subjects + w.background_subjects == w.subjects
+    assert len(w.background_subjects) == spec.n_background
     assert len(w.facts) == w.n_facts == spec.n_subjects * spec.n_relations
     texts = set(w.training_texts())
     for r in w.relations:
@@ -122,19 +127,20 @@ def test_world_facts_and_heldout_split(name):
                 assert f"{t.format(s)} {obj}." not in texts
 
 
-@pytest.mark.parametrize("name", ["tiny", "default"])
+@pytest.mark.parametrize("name", ["tiny", "default", "large"])
 def test_counterfact_records_schema(name):
     w = build_world(name)
     spec = PRESETS[name]
     records = w.counterfact_records()
-    assert len(records) == w.n_facts
+    edited, background = w.edit_subjects, set(w.background_subjects)
+    assert len(records) == len(edited) * spec.n_relations
     assert [r["case_id"] for r in records] == list(range(len(records)))
     assert len({(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"]) for r in records}) == len(records)
-    # rounds of n_subjects records, each editing every subject once: a prefix never repeats a subject
-    S = len(w.subjects)
+    # rounds of len(edited) records, each editing every edit subject once: a prefix never repeats a subject
+    S = len(edited)
     for rnd in range(len(records) // S):
-        assert sorted(r["requested_rewrite"]["subject"] for r in records[rnd * S : (rnd + 1) * S]) == sorted(w.subjects)
-    assert [r["requested_rewrite"]["subject"] for r in records[:S]] != w.subjects  # shuffled within a round
+        assert sorted(r["requested_rewrite"]["subject"] for r in records[rnd * S : (rnd + 1) * S]) == sorted(edited)
+    assert [r["requested_rewrite"]["subject"] for r in records[:S]] != edited  # shuffled within a round
     canon_subject = {}
     for rel in w.relations:
         for s in w.subjects:
@@ -158,33 +164,46 @@ def test_counterfact_records_schema(name):
         allowed = {t.format(subj) for t in w.untrained_heldout[(subj, rid)]}
         for p in rec["paraphrase_prompts"]:
             assert p in allowed and p not in trained and subj in p
-        # neighbourhood: other subjects, same relation; same true object first, filled up otherwise
         neigh = [canon_subject[p] for p in rec["neighborhood_prompts"]]
-        assert len(neigh) == spec.n_neighbors == len(set(neigh)) and subj not in neigh
-        n_same = len(w.subjects_with(rid, true)) - 1
         truths = w.neighborhood_truth(rec)
-        assert truths == [w.facts[(x, rid)] for x in neigh]
-        k = min(n_same, spec.n_neighbors)
-        assert truths[:k] == [true] * k
-        assert all(t not in (true, new) for t in truths[k:])
-        # attribute prompts: other subjects whose true object is target_new
+        assert truths == [w.facts[(x, rid)] for x in neigh] and len(set(neigh)) == len(neigh) and subj not in neigh
         attr = [canon_subject[p] for p in rec["attribute_prompts"]]
         assert 1 <= len(attr) <= spec.n_attribute and all(w.facts[(x, rid)] == new for x in attr)
+        if background:  # neighbours: never-edited subjects with the same true object, no fill-up
+            n_same = sum(w.facts[(x, rid)] == true for x in background)
+            assert set(neigh) <= background and set(attr) <= background
+            assert truths == [true] * min(n_same, spec.n_neighbors)
+        else:  # neighbours: other subjects, same relation; same true object first, filled up otherwise
+            assert len(neigh) == spec.n_neighbors
+            n_same = len(w.subjects_with(rid, true)) - 1
+            k = min(n_same, spec.n_neighbors)
+            assert truths[:k] == [true] * k
+            assert all(t not in (true, new) for t in truths[k:])
         assert rec["generation_prompts"] and all(subj in g for g in rec["generation_prompts"])
         EditRequest(rec["case_id"], rw["prompt"], subj, new, true, relation_id=rid).validate()
     json.loads(json.dumps(records))  # plain JSON types only
 
 
-def test_default_world_needs_no_neighbourhood_fill():
+def test_default_world_neighbours_are_never_edited():
     w = build_world("default")
+    edited = {rec["requested_rewrite"]["subject"] for rec in w.counterfact_records()}
+    assert len(edited) == 200 and not edited & set(w.background_subjects)
     for rec in w.counterfact_records():
-        true = rec["requested_rewrite"]["target_true"]["str"]
-        assert w.neighborhood_truth(rec) == [true] * 10
+        assert 5 <= len(rec["neighborhood_prompts"]) <= 10
+        assert not any(s in p for s in edited for p in rec["neighborhood_prompts"])
 
 
 def test_corpus_texts_cover_training_texts(tiny):
     assert sorted(tiny.corpus_texts()) == sorted(tiny.training_texts())
     assert all("\n" not in t for t in tiny.corpus_texts())
+
+
+def test_corpus_of_a_world_with_background_leaves_edited_subjects_out():
+    w = build_world("default")
+    corpus = w.corpus_texts()
+    assert sorted(corpus) == sorted(w.fact_sentences(w.background_subjects) + w.filler_texts())
+    firsts = {s.split()[0] for s in w.edit_subjects}
+    assert not any(word.strip(".,") in firsts for t in corpus for word in t.split())
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
