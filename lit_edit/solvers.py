@@ -76,6 +76,28 @@ def woodbury_response(Y: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.linalg.solve_triangular(Lc.T, Z, upper=True), Z
 
 
+def sym_downdate(A: torch.Tensor, Z: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
+    """A − ZᵀZ for symmetric A (d×d) and Z (m×d), as a new tensor.
+
+    Only the lower block triangle of ZᵀZ is multiplied (block rows of width d/nb against the columns up
+    to their diagonal block: (nb+1)/(2nb) of the full product's flops, 56 % at nb = 8) and the strictly
+    upper blocks are copied from their mirror, so the result is symmetric to the last bit off the
+    diagonal blocks."""
+    d = A.shape[0]
+    nb = blocks or max(1, min(8, d // 1024))
+    if nb == 1 or Z.shape[0] == 0:
+        return torch.addmm(A, Z.T, Z, alpha=-1.0)
+    out = A.clone()
+    edges = [d * i // nb for i in range(nb + 1)]
+    for i in range(nb):
+        a, b = edges[i], edges[i + 1]
+        out[a:b, :b].addmm_(Z[:, a:b].T, Z[:, :b], alpha=-1.0)
+    for i in range(1, nb):  # upper blocks ← transposed lower blocks
+        a, b = edges[i], edges[i + 1]
+        out[:a, a:b].copy_(out[a:b, :a].T)
+    return out
+
+
 def prune(delta: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Φ_PRUNE(Δ; W), §6.2: singular values of Δ above σ_max(W) become ln s − ln σ_max + σ_max (natural log);
     the others are kept. ``W`` is the weight before this batch."""
@@ -271,10 +293,11 @@ class AlignedSolver(Solver):
     def inverse(self, layer: int) -> torch.Tensor:
         """A⁻¹ of the accumulated constraint (working coordinates), with the pending factors folded in."""
         Zs = self.Zs[layer]
-        return torch.addmm(self.Ainv[layer], Zs.T, Zs, alpha=-1.0) if Zs.shape[0] else self.Ainv[layer]
+        return sym_downdate(self.Ainv[layer], Zs) if Zs.shape[0] else self.Ainv[layer]
 
     def fold(self, layer: int) -> None:
-        """Ainv ← Ainv − Zsᵀ Zs (one compute-bound rank-m product instead of m/n memory-bound ones)."""
+        """Ainv ← Ainv − Zsᵀ Zs: one compute-bound rank-m product (its lower block triangle, mirrored) instead
+        of m/n memory-bound ones."""
         self.Ainv[layer], self.Zs[layer] = self.inverse(layer), self.Zs[layer][:0]
 
     def _times_inverse(self, layer: int, Kt: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lit_edit.solvers import (
+    sym_downdate,
     MEMIT,
     AlignedSolver,
     AlphaEdit,
@@ -362,3 +363,18 @@ def test_state_dict_round_trip_and_snapshot(name):
     torch.testing.assert_close(t.solve(LAYER, K, R), s.solve(LAYER, K, R))
     if s.keep_ledger:
         torch.testing.assert_close(t.forget(["a"], {LAYER: W})[LAYER], s.forget(["a"], {LAYER: W})[LAYER])
+
+
+@pytest.mark.parametrize("d,nb", [(37, 3), (64, 8), (50, 1), (2048, None)])
+def test_sym_downdate_equals_the_full_product_and_is_symmetric(d, nb):
+    G = rand(d, d, seed=1)
+    A = G @ G.T + torch.eye(d, dtype=torch.float64)
+    Z = rand(13, d, seed=2)
+    out = sym_downdate(A, Z, nb)
+    torch.testing.assert_close(out, A - Z.T @ Z, rtol=1e-12, atol=1e-10)
+    blocks = nb or max(1, min(8, d // 1024))
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    for i in range(1, blocks):  # off-diagonal blocks are exact mirrors
+        a, b = edges[i], edges[i + 1]
+        assert torch.equal(out[:a, a:b], out[a:b, :a].T)
+    assert torch.equal(A, G @ G.T + torch.eye(d, dtype=torch.float64))  # the input is not modified
