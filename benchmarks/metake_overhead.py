@@ -6,6 +6,7 @@ the closed-form write, the per-batch metrics), so model loading, C0 and the fina
 
     python benchmarks/metake_overhead.py                      # configs/world/metake.yaml vs the same with metake off
     python benchmarks/metake_overhead.py --limit 100 --batch_size 20
+    python benchmarks/metake_overhead.py --limit 200 --variants paper bare tol   # also the open-choice variants
 """
 from __future__ import annotations
 
@@ -51,25 +52,33 @@ def run(config: str, extra: list[str], out: Path) -> dict:
     return json.loads(line[-1][6:])
 
 
+VARIANTS = {  # MetaKE variants timed against the same base run (ALGORITHMS.md §7.2's open choices)
+    "paper": [],  # the config as is: context-prefixed x_e, all T steps
+    "bare": ["--model.metake.edit_prompts", "bare"],  # x_e = the rewriting prompt alone
+    "tol": ["--model.metake.tol", "1e-3"],  # stop once an iteration lowers L_meta by < 0.1 %
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/world/metake.yaml")
     p.add_argument("--limit", type=int, default=60)
     p.add_argument("--batch_size", type=int, default=20)
+    p.add_argument("--variants", nargs="+", default=["paper"], choices=sorted(VARIANTS))
     a = p.parse_args()
     data = ["--data.limit", str(a.limit), "--data.batch_size", str(a.batch_size)]
     with tempfile.TemporaryDirectory() as tmp:
         base = run(a.config, data + ["--model.metake", "null"], Path(tmp) / "base")
-        meta = run(a.config, data, Path(tmp) / "metake")
-    for name, r in (("base solver", base), ("MetaKE", meta)):
+        metas = {v: run(a.config, data + VARIANTS[v], Path(tmp) / v) for v in a.variants}
+    for name, r in (("base solver", base), *((f"MetaKE {v}", r) for v, r in metas.items())):
         m = r["metrics"]
-        print(f"{name:12s} edit time {r['edit_s']:7.1f}s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-              f"eff {m.get('efficacy', float('nan')):.3f} gen {m.get('generalization', float('nan')):.3f} "
-              f"spec {m.get('specificity', float('nan')):.3f}")
+        print(f"{name:14s} edit time {r['edit_s']:7.1f}s (x{r['edit_s'] / base['edit_s']:.3f})  peak RSS "
+              f"{r['peak_rss_mb']:7.0f} MB  eff {m.get('efficacy', float('nan')):.3f} "
+              f"gen {m.get('generalization', float('nan')):.3f} spec {m.get('specificity', float('nan')):.3f}")
+    fields = " ".join(f"{v}_edit_s={r['edit_s']:.2f} {v}_time_ratio={r['edit_s'] / base['edit_s']:.3f} "
+                      f"{v}_rss_ratio={r['peak_rss_mb'] / base['peak_rss_mb']:.3f}" for v, r in metas.items())
     print(f"RESULT n_edits={a.limit} batch_size={a.batch_size} base_edit_s={base['edit_s']:.2f} "
-          f"metake_edit_s={meta['edit_s']:.2f} time_ratio={meta['edit_s'] / base['edit_s']:.3f} "
-          f"base_peak_rss_mb={base['peak_rss_mb']:.0f} metake_peak_rss_mb={meta['peak_rss_mb']:.0f} "
-          f"rss_ratio={meta['peak_rss_mb'] / base['peak_rss_mb']:.3f}")
+          f"base_peak_rss_mb={base['peak_rss_mb']:.0f} {fields}")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,12 @@ from lit_edit.targets import TargetConfig, build_target_batch, hidden_size, opt_
 class MetaKEConfig:
     """MetaKE options. Defaults are the paper's (T = 15, η = 5e-3, plain gradient descent, unit weights).
 
-    Choices the paper leaves open (ALGORITHMS.md §7.2 ⚠): the edit prompts x_e are the context-prefixed
-    rewriting prompts of §2 with token-averaged NLL; the locality KL is read at the fact token of
-    ``loc_prompt`` (the MEMIT position); no early stop.
+    Choices the paper leaves open (ALGORITHMS.md §7.2 ⚠), as options: the edit prompts x_e are the
+    context-prefixed rewriting prompts of §2 with token-averaged NLL (``edit_prompts: context``) or the bare
+    rewriting prompt alone (``bare``: a sixth of the rows per iteration with the world's 5 context templates);
+    the locality KL is read at the fact token of ``loc_prompt`` (the MEMIT position); the T steps stop early
+    once an iteration lowers the meta-loss by less than ``tol`` of its value (0, the default: never, as the
+    paper).
     """
 
     bilevel: str = "metake"  # "metake" | "none" (plain solver: V = V_init)
@@ -56,13 +59,16 @@ class MetaKEConfig:
     loc_prompt: str = "{} is a"
     kl_direction: str = "ref_current"  # KL(P_pre ‖ P_post) as the paper (MEMIT's v* code uses the other one)
     proxy_fidelity: bool = False  # App. C.5 diagnostic: cos(g_proxy, g_true) through the full multi-layer solve
+    edit_prompts: str = "context"  # x_e: "context" (the 6 context-prefixed prompts of §2) | "bare" (the prompt alone)
+    tol: float = 0.0  # stop once an iteration lowers L_meta by less than tol·|L_meta| (0: run all T steps)
 
     def __post_init__(self):
         for name, value, allowed in (("bilevel", self.bilevel, ("metake", "none")),
                                      ("optimizer", self.optimizer, ("sgd", "adam")),
                                      ("gate", self.gate, ("structural", "key_only")),
                                      ("feedback", self.feedback, ("full", "stop_grad")),
-                                     ("kl_direction", self.kl_direction, ("ref_current", "current_ref"))):
+                                     ("kl_direction", self.kl_direction, ("ref_current", "current_ref")),
+                                     ("edit_prompts", self.edit_prompts, ("context", "bare"))):
             if value not in allowed:
                 raise ValueError(f"metake.{name} must be one of {allowed}, got {value!r}")
 
@@ -100,7 +106,9 @@ class MetaObjective:
         self.M = M.detach().to(dev, self.dt)
         self.V_init = V_init.detach().to(dev, self.dt)
         self.tcfg = replace(tcfg, kl_prompt=cfg.loc_prompt, kl_direction=cfg.kl_direction)
-        self.batch = build_target_batch(tok, requests, context_templates, self.tcfg)
+        # the gate's keys above stay the solver's (context-averaged); only the meta-loss prompts x_e may be bare
+        edit_contexts = ["{}"] if cfg.edit_prompts == "bare" else context_templates
+        self.batch = build_target_batch(tok, requests, edit_contexts, self.tcfg)
         # the requests whose loss terms this process evaluates (all of them, or its DDP shard: the meta-loss is a
         # sum over requests, so the shards' gradients add up to the full one)
         self.own = torch.arange(len(requests)) if own is None else torch.tensor(own, dtype=torch.long)
@@ -199,20 +207,26 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
     history: list[float] = []
     steps = cfg.T if cfg.bilevel == "metake" else 0
     opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)([V], lr=cfg.eta)
+    parts = None
     for t in range(steps):
-        total, _ = obj.loss(V)
+        total, parts = obj.loss(V)
         history.append(all_reduce_sum(total.detach()).item())
         if not (math.isfinite(history[-1]) and torch.isfinite(V).all()):
             raise FloatingPointError(f"MetaKE refinement diverged at iteration {t} (meta-loss {history[-1]:.4g}, "
                                      f"history {history[:-1][-3:]}): lower metake.eta (now {cfg.eta:g})")
+        if cfg.tol > 0 and t and history[-2] - history[-1] < cfg.tol * abs(history[-2]):  # early stop (tol > 0): keep this V
+            history.append(history[-1])
+            break
+        parts = None
         opt.zero_grad()
         if total.requires_grad:  # stop_grad at V = V_init leaves nothing to differentiate
             total.backward()
             V.grad = all_reduce_sum(V.grad)
             opt.step()
-    with torch.no_grad():
-        total, parts = obj.loss(V)
-    history.append(all_reduce_sum(total).item())
+    if parts is None:  # the loss at the final V has not been evaluated yet
+        with torch.no_grad():
+            total, parts = obj.loss(V)
+        history.append(all_reduce_sum(total).item())
     if steps and history[-1] > history[0]:  # the paper's plain descent returns V_T whatever happened
         warnings.warn(f"MetaKE refinement raised the meta-loss ({history[0]:.4g} -> {history[-1]:.4g}); "
                       f"metake.eta={cfg.eta:g} is too large for this model's scale (measured on the fact world: "

@@ -93,6 +93,35 @@ def test_stop_grad_feedback_never_moves_the_targets(tiny_world):
     assert moved.history[-1] < moved.history[0]  # gradient descent on L_meta lowers it
 
 
+def test_early_stop_keeps_the_iterate_where_the_decrease_fell_below_tol(tiny_world):
+    """tol = 1 stops at the first check (no iteration lowers L_meta by 100 %): V is the T = 1 iterate, and the
+    history records that iterate's loss twice (before the would-be update and as the final value)."""
+    module, reqs = setup_module_for(MEMIT(mom2_update_weight=50.0), dtype="float64")
+    V_init = targets(module, reqs[:5])
+    run = lambda cfg: refine_targets(module.llm, module.tok, module.layout, module.solver, [LAYER], reqs[:5],  # noqa: E731
+                                     module.context, V_init, TCFG, cfg)
+    with torch.enable_grad():
+        one, stopped, full = run(MetaKEConfig(T=1, eta=0.05)), run(MetaKEConfig(T=5, eta=0.05, tol=1.0)), run(
+            MetaKEConfig(T=5, eta=0.05))
+    torch.testing.assert_close(stopped.V, one.V, rtol=0, atol=0)
+    assert stopped.history == pytest.approx(one.history[:1] + [one.history[-1]] * 2, rel=1e-12)
+    torch.testing.assert_close(stopped.nll, one.nll)
+    assert len(full.history) == 6 and not torch.equal(full.V, one.V)
+
+
+def test_bare_edit_prompts_use_one_row_per_request_and_the_solvers_keys(tiny_world):
+    module, reqs = setup_module_for(MEMIT(mom2_update_weight=50.0), dtype="float64")
+    V_init = targets(module, reqs[:5])
+    args = (module.llm, module.tok, module.layout, module.solver, [LAYER], reqs[:5], module.context, V_init, TCFG)
+    ctx, bare = MetaObjective(*args, MetaKEConfig()), MetaObjective(*args, MetaKEConfig(edit_prompts="bare"))
+    n_ctx = len(module.context)
+    assert n_ctx > 1 and len(ctx.batch.req) == 5 * (n_ctx + 1) and len(bare.batch.req) == 5 * 2  # + the KL prompt
+    torch.testing.assert_close(bare.K, ctx.K, rtol=0, atol=0)  # the gate is built from the same keys
+    torch.testing.assert_close(bare.M, ctx.M, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="edit_prompts"):
+        MetaKEConfig(edit_prompts="prefixed")
+
+
 def test_key_only_gate_and_realisation_formulas():
     g = torch.Generator().manual_seed(0)
     K = torch.randn(12, 4, generator=g, dtype=torch.float64)
