@@ -27,6 +27,7 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
     assert cli.model.llm is None  # weights load only in configure_model, at fit time
     if path.parent.name == "world" and path.stem in OTE_WORLD:
         assert cli.datamodule.limit == 1000 and cli.datamodule.batch_size == 50  # the OTE-SE protocol
+        assert cli.datamodule.path == "world:large"  # 1000 distinct edited subjects
     if "metake" in path.stem:
         assert cli.model.metake_cfg is not None and cli.model.metake_cfg.T == 15
 
