@@ -29,7 +29,8 @@ family names (or unique when ``n_surnames=0``). With two unique words the 4-bloc
 some relations on the first name and others on the last (measured on the format-2 world:
 "plays the" followed the last name in 48 of 56 first/last-name swaps, the other five relations
 the first name in 51-56), so no single fact token carries every fact and one relation resisted
-every edit; with shared family names every relation follows the first name (49-66 of ~70 swaps).
+every edit; with shared family names (default preset) five relations follow the first name in 65-73
+of ~70 swaps and favourite colour in 27 (in 42 the model predicts neither subject's colour).
 
 The last ``n_background`` subjects are never edited, like the bulk of a real model's entities:
 ``neighborhood_prompts`` are canonical prompts of background subjects with the same relation
