@@ -342,31 +342,29 @@ def _make_names(n: int, seed: int, forbidden: set[str], n_surnames: int = 0) -> 
     model learns facts of two-token subjects several times faster, so subjects keep two words.
     """
     rng = _rng(seed, "names")
-    firsts: set[str] = set()
-    lasts: set[str] = set()
-    names: list[str] = []
+    word = lambda parts: "".join(rng.choice(p) for p in parts).capitalize()  # noqa: E731
+    first_parts = (_ONSETS, _VOWELS, _ONSETS, _VOWELS, _CODAS + ("",))
+    last_parts = (_ONSETS, _VOWELS, _CODAS, _ENDINGS)
     family: list[str] = []
     while len(family) < n_surnames:
-        last = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) + rng.choice(_ENDINGS)).capitalize()
+        last = word(last_parts)
         if last not in family and last.lower() not in forbidden:
             family.append(last)
-    lasts.update(family)
+    firsts: set[str] = set()
+    lasts: set[str] = set(family)
+    names: list[str] = []
     while len(names) < n:
-        if family:
-            first = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_ONSETS) + rng.choice(_VOWELS)
-                     + rng.choice(_CODAS + ("",))).capitalize()
-            if first in firsts or first in lasts or first.lower() in forbidden:
+        first = word(first_parts)
+        last = family[len(names) % len(family)] if family else word(last_parts)
+        if first in firsts or first.lower() in forbidden:
+            continue
+        if family:  # a shared family name; a first name never doubles as one
+            if first in lasts:
                 continue
-            firsts.add(first)
-            names.append(f"{first} {family[len(names) % len(family)]}")
+        elif last in lasts or last.lower() in forbidden:
             continue
-        first = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_ONSETS) + rng.choice(_VOWELS)
-                 + rng.choice(_CODAS + ("",))).capitalize()
-        last = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) + rng.choice(_ENDINGS)).capitalize()
-        if first in firsts or last in lasts or first.lower() in forbidden or last.lower() in forbidden:
-            continue
-        firsts.add(first)
         lasts.add(last)
+        firsts.add(first)
         names.append(f"{first} {last}")
     return names
 
