@@ -71,6 +71,8 @@ class MetaKEConfig:
                                      ("edit_prompts", self.edit_prompts, ("context", "bare"))):
             if value not in allowed:
                 raise ValueError(f"metake.{name} must be one of {allowed}, got {value!r}")
+        if not self.tol >= 0:
+            raise ValueError(f"metake.tol must be >= 0 (0: run all T steps), got {self.tol!r}")
 
 
 def key_only_gate(K: torch.Tensor) -> torch.Tensor:
@@ -207,23 +209,21 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
     history: list[float] = []
     steps = cfg.T if cfg.bilevel == "metake" else 0
     opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)([V], lr=cfg.eta)
-    parts = None
     for t in range(steps):
         total, parts = obj.loss(V)
         history.append(all_reduce_sum(total.detach()).item())
         if not (math.isfinite(history[-1]) and torch.isfinite(V).all()):
             raise FloatingPointError(f"MetaKE refinement diverged at iteration {t} (meta-loss {history[-1]:.4g}, "
                                      f"history {history[:-1][-3:]}): lower metake.eta (now {cfg.eta:g})")
-        if cfg.tol > 0 and t and history[-2] - history[-1] < cfg.tol * abs(history[-2]):  # early stop (tol > 0): keep this V
-            history.append(history[-1])
+        if cfg.tol > 0 and t and history[-2] - history[-1] < cfg.tol * abs(history[-2]):
+            history.append(history[-1])  # early stop: this V's loss is already known, and final
             break
-        parts = None
         opt.zero_grad()
         if total.requires_grad:  # stop_grad at V = V_init leaves nothing to differentiate
             total.backward()
             V.grad = all_reduce_sum(V.grad)
             opt.step()
-    if parts is None:  # the loss at the final V has not been evaluated yet
+    else:  # all T steps taken: evaluate the loss at the final V
         with torch.no_grad():
             total, parts = obj.loss(V)
         history.append(all_reduce_sum(total).item())

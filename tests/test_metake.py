@@ -107,6 +107,8 @@ def test_early_stop_keeps_the_iterate_where_the_decrease_fell_below_tol(tiny_wor
     assert stopped.history == pytest.approx(one.history[:1] + [one.history[-1]] * 2, rel=1e-12)
     torch.testing.assert_close(stopped.nll, one.nll)
     assert len(full.history) == 6 and not torch.equal(full.V, one.V)
+    with pytest.raises(ValueError, match="tol"):
+        MetaKEConfig(tol=-1e-3)
 
 
 def test_bare_edit_prompts_use_one_row_per_request_and_the_solvers_keys(tiny_world):
