@@ -505,13 +505,13 @@ class World:
         spec = self.spec
         rng = _rng(spec.seed, "counterfact")
         records = []
-        edited = self.edit_subjects
+        edited, background = self.edit_subjects, self.background_subjects
         for si, s in enumerate(edited):
             for ri, r in enumerate(self.relations):
                 rid = r.relation_id
                 true = self.facts[(s, rid)]
                 new = rng.choice([o for o in r.objects if o != true])
-                others = self.background_subjects or [x for x in self.subjects if x != s]
+                others = background or [x for x in self.subjects if x != s]
                 same = [x for x in others if self.facts[(x, rid)] == true]
                 neigh = rng.sample(same, min(spec.n_neighbors, len(same)))
                 if len(neigh) < spec.n_neighbors and not spec.n_background:  # fill-up only without a background
