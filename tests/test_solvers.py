@@ -297,17 +297,21 @@ def test_forgetting_needs_a_ledger():
         build("memit_naive").forget(["a"], {LAYER: torch.zeros(D_OUT, D_IN, dtype=F64)})
 
 
-def test_memorize_latest_keeps_only_the_newest_batch():
+@pytest.mark.parametrize("projected", [False, True], ids=["memit", "alphaedit"])
+def test_memorize_latest_keeps_only_the_newest_batch(projected):
     """§6.5: after every step the weights are the one-time solution of K0 and the newest batch only, which is
     also what "drop the previous batch (Prop. 3.5), then insert" gives."""
     W0 = rand(D_OUT, D_IN, seed=7)
     Ks, Vs = stream()
-    s = build("memorize_latest")
-    ref = build("memit_seq")
+    if projected:
+        s, ref, weights = AlphaEdit(L2=0.7, nullspace_threshold=THR, mode="memorize_latest"), build("alphaedit"), (0.0, 0.7)
+        s.setup({LAYER: C0})
+    else:
+        s, ref, weights = build("memorize_latest"), build("memit_seq"), (3.0, 0.0)
     W, W_ref = W0.clone(), W0.clone()
     for t, (K, V) in enumerate(zip(Ks, Vs)):
         W, _ = step(s, W, K, V, [str(t)] * 3)
-        torch.testing.assert_close(W - W0, one_time(3.0, 0.0, False, W0, [K], [V]), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(W - W0, one_time(*weights, projected, W0, [K], [V]), rtol=1e-9, atol=1e-10)
         if t:
             W_ref = W_ref + ref.forget([str(t - 1)], {LAYER: W_ref})[LAYER]
         W_ref, _ = step(ref, W_ref, K, V, [str(t)] * 3)
