@@ -73,6 +73,23 @@ def compute_block_states(model, tok, layout, layer: int, requests: list[EditRequ
     return got[layer]
 
 
+def layer_residuals(layers: list[int], Z: torch.Tensor, keys, states):
+    """The §4 layer loop: for each edited layer l_i, low to high, yield (l_i, K, R) with K = keys(l_i) and
+    H = states(L) read on the model *as it is when the caller resumes the loop*, and R = (Z − H)ᵀ / (m − i), the
+    remaining gap spread over the layers not yet written (d × n; zero columns appended when K has more
+    columns than Z rows: preservation columns keep their current outputs). The caller writes layer l_i's Δ, for
+    real (:func:`apply_batch`) or by a hook (MetaKE's true hypergradient), before asking for the next layer."""
+    layers = sorted(layers)
+    L, m = layers[-1], len(layers)
+    for i, l in enumerate(layers):
+        K = keys(l)
+        H = states(L)
+        R = (Z.to(H.device, H.dtype) - H).T / (m - i)  # H is float32, or float64 for a float64 model
+        if K.shape[1] > R.shape[1]:
+            R = torch.cat([R, R.new_zeros(R.shape[0], K.shape[1] - R.shape[1])], 1)
+        yield l, K, R
+
+
 class FactColumns:
     """The columns of a structured batch: one per request, its key at the fact token (template-averaged, §3) and
     its target row at the fact token of the bare prompt. Unstructured batches have their own provider with the
@@ -139,7 +156,6 @@ def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: tor
     written. ``columns(writes)`` builds the column provider (:class:`FactColumns`, or windows for unstructured
     edits). Atomic: on any error the edited matrices and the solver state are restored."""
     layers = sorted(layers)
-    L, m = layers[-1], len(layers)
     writes, drops = plan_operations(solver, requests)
     cols = columns(writes)
     if Z.shape[0] != cols.n_targets:
@@ -159,12 +175,8 @@ def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: tor
         if writes:
             W_before = {l: get_weight(model, layout, l).clone() for l in layers} if drops else saved_w
             raw, values = {}, {}
-            for i, l in enumerate(layers):
-                K = cols.keys(model, layout, [l])[l]
-                H = cols.states(model, layout, L)
-                R = (Z.to(H.device, H.dtype) - H).T / (m - i)  # d × n (H is float32, or float64 for a float64 model)
-                if K.shape[1] > R.shape[1]:  # preservation columns: keep their current outputs (residual 0)
-                    R = torch.cat([R, R.new_zeros(R.shape[0], K.shape[1] - R.shape[1])], 1)
+            for l, K, R in layer_residuals(layers, Z, lambda l: cols.keys(model, layout, [l])[l],
+                                           lambda L: cols.states(model, layout, L)):
                 raw[l] = solver.solve(l, K, R)
                 _check_finite(raw[l], l)
                 values[l] = W_before[l].double() @ K.double() + R.double()  # what this layer is asked to store

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lit_edit.distributed import all_reduce_sum
-from lit_edit.editing import compute_block_states, compute_keys
+from lit_edit.editing import compute_block_states, compute_keys, layer_residuals
 from lit_edit.hooks import add_to_output
 from lit_edit.layouts import block_module, edited_module
 from lit_edit.targets import TargetConfig, build_target_batch, hidden_size, opt_dtype, request_losses
@@ -157,13 +157,14 @@ def solved_meta_loss(obj: MetaObjective, tok, layout, solver, layers: list[int],
     """L_meta after the *actual* multi-layer write of V (§4 loop: keys and block-L states recomputed after each
     layer, residual spread over the layers left, Δ_l = solver.solve), applied virtually by hooks and
     differentiable in V through every stage. Regularisers' Φ is not applied (straight-through, §7.6)."""
-    model, m, L = obj.model, len(layers), layers[-1]
+    model = obj.model
+    keys = lambda l: compute_keys(model, tok, layout, [l], requests, context_templates, tcfg.fact_token,  # noqa: E731
+                                  tcfg.legacy_bos_shift, grad=True)[l]
+    states = lambda L: compute_block_states(model, tok, layout, L, requests, tcfg.fact_token,  # noqa: E731
+                                            tcfg.legacy_bos_shift, grad=True)
     with ExitStack() as stack:
-        for i, l in enumerate(sorted(layers)):
-            K = compute_keys(model, tok, layout, [l], requests, context_templates, tcfg.fact_token,
-                             tcfg.legacy_bos_shift, grad=True)[l]
-            H = compute_block_states(model, tok, layout, L, requests, tcfg.fact_token, tcfg.legacy_bos_shift, grad=True)
-            delta = solver.solve(l, K, (V - H.to(V.dtype)).T / (m - i))
+        for l, K, R in layer_residuals(layers, V, keys, states):
+            delta = solver.solve(l, K, R)
             stack.enter_context(add_to_output(edited_module(model, layout, l), lambda x, D=delta: x.to(D.dtype) @ D.T))
         return obj.loss_in_current_model(V)[0]
 
