@@ -194,6 +194,10 @@ class Refinement:
     rho: torch.Tensor  # [n] association
     H: torch.Tensor  # [n, d] block-L states before the edit (for the empirical realisation β̂)
     fidelity: dict | None = None  # proxy_cosine, one_step_bp (when cfg.proxy_fidelity)
+    # [n] ‖∇_V L_meta‖ per request at V = V_init, where the anchor's gradient is 0 (zeros if V never had a gradient).
+    # Since ∇ = ∇(L_edit + L_loc) + 2 w_anchor (V − V_init), the meta-loss's stationary point lies about
+    # grad_start / (2 w_anchor) from V_init (to first order): how far MetaKE *can* move V, whatever η.
+    grad_start: torch.Tensor | None = None
 
 
 def refine_targets(model, tok, layout, solver, layers: list[int], requests, context_templates: list[str],
@@ -208,6 +212,7 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
                 if cfg.proxy_fidelity else None)
     V = obj.V_init.clone().requires_grad_(True)
     history: list[float] = []
+    grad_start = torch.zeros(len(V))
     steps = cfg.T if cfg.bilevel == "metake" else 0
     opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)([V], lr=cfg.eta)
     for t in range(steps):
@@ -223,6 +228,8 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
         if total.requires_grad:  # stop_grad at V = V_init leaves nothing to differentiate
             total.backward()
             V.grad = all_reduce_sum(V.grad)
+            if t == 0:
+                grad_start = V.grad.norm(dim=-1).detach().float().cpu()
             opt.step()
     else:  # all T steps taken: evaluate the loss at the final V
         with torch.no_grad():
@@ -234,4 +241,4 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
                       f"eta 5 diverges, 0.5 is stable)", RuntimeWarning, stacklevel=2)
     diag = realisation(obj.M64, obj.K)
     return Refinement(V.detach(), history, all_reduce_sum(parts["nll"]), diag["beta"].float(), diag["rho"].float(), obj.H.detach(),
-                      fidelity)
+                      fidelity, grad_start)

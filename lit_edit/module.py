@@ -259,7 +259,8 @@ class EditModule(L.LightningModule):
             self.log_dict({"metake/loss_start": ref.history[0], "metake/loss_end": ref.history[-1],
                            "metake/nll_end": ref.nll.mean(), "metake/beta_mean": ref.beta.mean(),
                            "metake/rho_mean": ref.rho.mean(),
-                           "metake/target_shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).mean()},
+                           "metake/target_shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).mean(),
+                           "metake/grad_norm_start": ref.grad_start.mean()},
                           batch_size=len(writes))
             self._histograms({"metake/beta": ref.beta, "metake/rho": ref.rho})
             if ref.fidelity is not None:

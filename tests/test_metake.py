@@ -85,7 +85,7 @@ def test_stop_grad_feedback_never_moves_the_targets(tiny_world):
     with torch.enable_grad():
         ref = refine_targets(module.llm, module.tok, module.layout, module.solver, [LAYER], reqs[:5], module.context,
                              V_init, TCFG, MetaKEConfig(T=3, feedback="stop_grad"))
-    assert torch.equal(ref.V, V_init)
+    assert torch.equal(ref.V, V_init) and not ref.grad_start.any()
     with torch.enable_grad():
         moved = refine_targets(module.llm, module.tok, module.layout, module.solver, [LAYER], reqs[:5], module.context,
                                V_init, TCFG, MetaKEConfig(T=3))
@@ -104,6 +104,9 @@ def test_early_stop_keeps_the_iterate_where_the_decrease_fell_below_tol(tiny_wor
         one, stopped, full = run(MetaKEConfig(T=1, eta=0.05)), run(MetaKEConfig(T=5, eta=0.05, tol=1.0)), run(
             MetaKEConfig(T=5, eta=0.05))
     torch.testing.assert_close(stopped.V, one.V, rtol=0, atol=0)
+    # plain descent: the first step moves each request by η·‖g‖, the gradient norm the run reports
+    assert one.grad_start.min() > 0
+    torch.testing.assert_close((one.V - V_init).norm(dim=-1).float().cpu(), 0.05 * one.grad_start, rtol=1e-5, atol=0)
     assert stopped.history == pytest.approx(one.history[:1] + [one.history[-1]] * 2, rel=1e-12)
     torch.testing.assert_close(stopped.nll, one.nll)
     assert len(full.history) == 6 and not torch.equal(full.V, one.V)
