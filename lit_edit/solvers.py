@@ -254,7 +254,7 @@ class AlignedSolver(Solver):
         self.ledger_ids: list[str] = []
         self.ledger_K: dict[int, torch.Tensor] = {}  # d_in × N stored keys
         self.ledger_V: dict[int, torch.Tensor] = {}  # d_out × N stored values (W_before k + r)
-        self._cache: dict[int, tuple] = {}  # (K̃, X, Z) of the last solve, reused by commit when the keys agree
+        self._cache: dict[int, tuple] = {}  # (K, K̃, X, Z) of the last solve, reused by commit when the keys agree
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self, C0):
@@ -282,9 +282,11 @@ class AlignedSolver(Solver):
 
     def _work(self, layer: int, K: torch.Tensor) -> torch.Tensor:
         """K̃ = PᵀK in float64."""
-        Ainv = self.Ainv[layer]
-        K = K.to(Ainv.device, torch.float64)
+        K = self._f64(layer, K)
         return self.U[layer].T @ K if layer in self.U else K
+
+    def _f64(self, layer: int, K: torch.Tensor) -> torch.Tensor:
+        return K.to(self.Ainv[layer].device, torch.float64)
 
     def _full(self, layer: int, G: torch.Tensor) -> torch.Tensor:
         """Δ = G Pᵀ."""
@@ -307,9 +309,10 @@ class AlignedSolver(Solver):
         return torch.addmm(Y, Kt.T @ Zs.T, Zs, alpha=-1.0) if Zs.shape[0] else Y
 
     def _response(self, layer: int, K: torch.Tensor):
+        K = self._f64(layer, K)
         Kt = self._work(layer, K)
         X, Z = woodbury_response(self._times_inverse(layer, Kt), Kt)
-        self._cache[layer] = (Kt, X, Z)
+        self._cache[layer] = (K, Kt, X, Z)
         return Kt, X, Z
 
     # -- the step --------------------------------------------------------------------------
@@ -333,11 +336,12 @@ class AlignedSolver(Solver):
     def commit(self, layer, K, V=None):
         if self.mode != "aligned":
             return  # the naive and memorize-latest objectives hold no earlier batches
-        Kt = self._work(layer, K)
+        K = self._f64(layer, K)
         cached = self._cache.get(layer)
-        if cached is not None and cached[0].shape == Kt.shape and torch.equal(cached[0], Kt):
-            _, X, Z = cached
+        if cached is not None and cached[0].shape == K.shape and torch.equal(cached[0], K):
+            _, Kt, X, Z = cached  # the keys of the solve: skip re-projecting them (2·d·r·n flops) and the Woodbury
         else:
+            Kt = self._work(layer, K)
             X, Z = woodbury_response(self._times_inverse(layer, Kt), Kt)
         self.Zs[layer] = torch.cat([self.Zs[layer], Z])  # new tensors, never in place: snapshots stay valid
         if self.Zs[layer].shape[0] >= self.fold_every:
@@ -347,7 +351,7 @@ class AlignedSolver(Solver):
         if self.keep_ledger:
             if V is None:
                 raise ValueError("commit needs the stored values V to keep the ledger")
-            self.ledger_K[layer] = torch.cat([self.ledger_K[layer], K.to(Kt.device, torch.float64)], 1)
+            self.ledger_K[layer] = torch.cat([self.ledger_K[layer], K], 1)
             V = V.to(Kt.device, torch.float64)
             old = self.ledger_V.get(layer, torch.zeros(V.shape[0], 0, dtype=torch.float64, device=V.device))
             self.ledger_V[layer] = torch.cat([old, V], 1)
