@@ -250,7 +250,7 @@ class AlignedSolver(Solver):
         self.Ainv: dict[int, torch.Tensor] = {}  # A⁻¹ = Ainv − Zsᵀ Zs in working coordinates
         self.Zs: dict[int, torch.Tensor] = {}  # stacked Woodbury factors not yet folded into Ainv
         self.F: dict[int, torch.Tensor] = {}  # E A⁻¹, error correction
-        self.S: dict[int, torch.Tensor] = {}  # Σ Δ in working coordinates, memorize_latest
+        self.S: dict[int, torch.Tensor] = {}  # Σ Δ written so far (d_out × d_in), memorize_latest
         self.ledger_ids: list[str] = []
         self.ledger_K: dict[int, torch.Tensor] = {}  # d_in × N stored keys
         self.ledger_V: dict[int, torch.Tensor] = {}  # d_out × N stored values (W_before k + r)
@@ -321,17 +321,18 @@ class AlignedSolver(Solver):
         return self._full(layer, X)  # M = K̃ᵀ A_t⁻¹ Pᵀ
 
     def solve(self, layer, K, R):
-        """Δ = R M, or (R + C K̃) M − C Pᵀ with C = F (error correction: − E_{t−1} A_t⁻¹ = −(F − (F K̃) M)) or
-        C = S (memorize_latest, §6.5: Δ_t = (R_t + S K_t) M − S); the two never occur together.
+        """Δ = R M, or (R + C K) M − C with C = F (error correction: − E_{t−1} A_t⁻¹ = −(F − (F K) M)) or
+        C = S (memorize_latest, §6.5: Δ_t = (R_t + S K_t) M − S); the two never occur together. Both are kept
+        in full coordinates (d_out × d_in), so no term needs a (d_out×r)(r×d_in) product.
         Multiplied as R·(X Pᵀ), (d_out×n)(n×d_in), not (R X) Pᵀ: with the null-space basis that would be a
         (d_out×r)(r×d_in) product, 2·d_out·r·d_in flops (1.2e12 per layer at Llama-3-8B width)."""
-        Kt, X, _ = self._response(layer, K)
+        _, X, _ = self._response(layer, K)
         R = R.to(X.device, torch.float64)
         M = self._full(layer, X)
         C = self.F.get(layer, self.S.get(layer))
         if C is None:
             return R @ M
-        return (R + C @ Kt) @ M - self._full(layer, C)
+        return (R + C @ self._f64(layer, K)) @ M - C
 
     def commit(self, layer, K, V=None):
         if self.mode != "aligned":
@@ -366,8 +367,7 @@ class AlignedSolver(Solver):
         if self.error_correction:
             self.F[layer] = (applied - delta).double()  # E_t A_t⁻¹ = Φ(Δ_t) − Δ_t (overwritten, not accumulated)
         if self.mode == "memorize_latest":
-            G = applied.double() @ self.U[layer] if layer in self.U else applied.double()
-            self.S[layer] = self.S[layer] + G if layer in self.S else G
+            self.S[layer] = self.S[layer] + applied.double() if layer in self.S else applied.double()
         return applied
 
     def finish_batch(self, fact_ids):

@@ -321,6 +321,21 @@ def test_memorize_latest_keeps_only_the_newest_batch(projected):
 # -- the incremental algebra --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["memit_seq", "alphaedit"])
+def test_commit_reuses_the_solve_only_for_its_own_keys(name):
+    """commit after solve(K) reuses the solve's projected keys and factors; with other keys it computes its own.
+    Either way the kept constraint is what a commit without a preceding solve gives."""
+    K1, K2 = rand(D_IN, 3, seed=21), rand(D_IN, 3, seed=22)
+    V = rand(D_OUT, 3, seed=23)
+    for solve_keys, commit_keys in ((K1, K1), (K1, K2)):
+        s, ref = build(name), build(name)
+        s.solve(LAYER, solve_keys, V)
+        s.commit(LAYER, commit_keys, V)
+        ref.commit(LAYER, commit_keys, V)
+        torch.testing.assert_close(s.inverse(LAYER), ref.inverse(LAYER), rtol=0, atol=0)
+        torch.testing.assert_close(s.ledger_K[LAYER], ref.ledger_K[LAYER], rtol=0, atol=0)
+
+
 def test_woodbury_update_equals_the_dense_inverse():
     K0 = rand(D_IN, 40, seed=1)
     A = K0 @ K0.T + 0.5 * torch.eye(D_IN, dtype=F64)
