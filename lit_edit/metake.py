@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lit_edit import checks
 from lit_edit.distributed import all_reduce_sum
 from lit_edit.editing import compute_block_states, compute_keys, layer_residuals
 from lit_edit.hooks import add_to_output
@@ -63,16 +64,18 @@ class MetaKEConfig:
     tol: float = 0.0  # stop once an iteration lowers L_meta by less than tol·|L_meta| (0: run all T steps)
 
     def __post_init__(self):
-        for name, value, allowed in (("bilevel", self.bilevel, ("metake", "none")),
-                                     ("optimizer", self.optimizer, ("sgd", "adam")),
-                                     ("gate", self.gate, ("structural", "key_only")),
-                                     ("feedback", self.feedback, ("full", "stop_grad")),
-                                     ("kl_direction", self.kl_direction, ("ref_current", "current_ref")),
-                                     ("edit_prompts", self.edit_prompts, ("context", "bare"))):
-            if value not in allowed:
-                raise ValueError(f"metake.{name} must be one of {allowed}, got {value!r}")
-        if not self.tol >= 0:
-            raise ValueError(f"metake.tol must be >= 0 (0: run all T steps), got {self.tol!r}")
+        n = lambda field: f"model.metake.{field}"  # noqa: E731  (the setting as written in the YAML config)
+        for name, allowed in (("bilevel", ("metake", "none")), ("optimizer", ("sgd", "adam")),
+                              ("gate", ("structural", "key_only")), ("feedback", ("full", "stop_grad")),
+                              ("kl_direction", ("ref_current", "current_ref")), ("edit_prompts", ("context", "bare"))):
+            checks.choice(n(name), getattr(self, name), allowed)
+        checks.integer(n("T"), self.T, ge=0)  # 0: V stays V_init, only the diagnostics (β, ρ, the loss) are measured
+        checks.number(n("eta"), self.eta, gt=0)
+        for name in ("w_edit", "w_loc", "w_anchor"):
+            checks.number(n(name), getattr(self, name), ge=0)  # a negative weight would reward its term
+        checks.subject_template(n("loc_prompt"), self.loc_prompt)
+        checks.boolean(n("proxy_fidelity"), self.proxy_fidelity)
+        checks.number(n("tol"), self.tol, ge=0)  # a relative decrease (0: run all T steps)
 
 
 def key_only_gate(K: torch.Tensor) -> torch.Tensor:

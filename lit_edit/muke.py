@@ -36,8 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_edit import checks
 from lit_edit.hooks import capture_inputs, capture_outputs, rewrite_output
 from lit_edit.layouts import block_module, edited_module
+from lit_edit.requests import MUKE_TEMPLATES
 from lit_edit.targets import adam_rows, hidden_size, label_logprobs, opt_dtype
 from lit_edit.tokens import bos_ids, encode, pad_batch, pad_id
 
@@ -233,16 +235,21 @@ class WindowConfig:
     # character-level BLEU and rouge-package ROUGE-L recall (lit_edit.metrics.text_scores), to compare published numbers
 
     def __post_init__(self):
-        for name, value, allowed in (("method", self.method, METHODS), ("coefficients", self.coefficients, COEFFICIENTS),
-                                     ("affinity_pairing", self.affinity_pairing, PAIRINGS),
-                                     ("on_mismatch", self.on_mismatch, ON_MISMATCH)):
-            if value not in allowed:
-                raise ValueError(f"WindowConfig.{name} must be one of {allowed}, got {value!r}")
-        if self.metric_style not in (None, "torchmetrics", "reference"):
-            raise ValueError(f"WindowConfig.metric_style must be None, 'torchmetrics' or 'reference', got {self.metric_style!r}")
-        for name in ("window_size", "v_num_grad_steps", "affinity_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"WindowConfig.{name} must be >= 1, got {getattr(self, name)}")
+        n = lambda field: f"model.windows.{field}"  # noqa: E731  (the setting as written in the YAML config)
+        for name, allowed in (("method", METHODS), ("coefficients", COEFFICIENTS), ("affinity_pairing", PAIRINGS),
+                              ("on_mismatch", ON_MISMATCH), ("template", (None, *MUKE_TEMPLATES)),
+                              ("metric_style", (None, "torchmetrics", "reference"))):
+            checks.choice(n(name), getattr(self, name), allowed)
+        checks.integer(n("window_size"), self.window_size, ge=1)  # tokens per window
+        # as model.targets: 1 evaluates without a step (z = h_init), 0 would never run
+        checks.integer(n("v_num_grad_steps"), self.v_num_grad_steps, ge=1)
+        checks.number(n("v_lr"), self.v_lr, gt=0)
+        checks.number(n("clamp_norm_factor"), self.clamp_norm_factor, gt=0)  # ‖δ‖ <= factor·‖h_init‖: 0 pins δ = 0
+        checks.number(n("v_weight_decay"), self.v_weight_decay, ge=0)
+        checks.number(n("early_stop_loss"), self.early_stop_loss, ge=0)  # the loss is >= 0: 0 never stops early
+        checks.integer(n("affinity_steps"), self.affinity_steps, ge=1)  # the affinity averages over T_aff steps
+        checks.boolean(n("preservation"), self.preservation)
+        checks.boolean(n("chat"), self.chat)
 
 
 @dataclass

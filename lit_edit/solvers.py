@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from lit_edit import checks
+
 MODES = ("aligned", "naive", "memorize_latest")
 REGULARIZERS = (None, "prune", "rect")
 
@@ -220,20 +222,8 @@ class AlignedSolver(Solver):
                  rect_keep: float = 40.0, error_correction: bool = False, on_conflict: str = "replace",
                  keep_ledger: bool = True, fold_every: int = 1024) -> None:
         super().__init__()
-        if projector not in ("identity", "nullspace"):
-            raise ValueError(f"projector must be 'identity' or 'nullspace', got {projector!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
-        if regularizer is not None and projector != "identity":
-            raise ValueError("PRUNE/RECT act on the full Δ and would leave the null space: use projector 'identity'")
-        if error_correction and (regularizer is None or mode != "aligned"):
-            raise ValueError("error_correction feeds back a regulariser's error: it needs a regularizer and mode 'aligned'")
-        if on_conflict not in ("replace", "keep", "error"):
-            raise ValueError(f"on_conflict must be 'replace', 'keep' or 'error', got {on_conflict!r}")
-        if not 0.0 < rect_keep <= 100.0:
-            raise ValueError(f"rect_keep is a percentage in (0, 100], got {rect_keep}")
+        self._check_args(mom2_update_weight, L2, projector, nullspace_threshold, mode, regularizer, rect_keep,
+                         error_correction, on_conflict, keep_ledger, fold_every)
         self.lam = float(mom2_update_weight)
         self.alpha = float(L2)
         self.projector = projector
@@ -255,6 +245,36 @@ class AlignedSolver(Solver):
         self.ledger_K: dict[int, torch.Tensor] = {}  # d_in × N stored keys
         self.ledger_V: dict[int, torch.Tensor] = {}  # d_out × N stored values (W_before k + r)
         self._cache: dict[int, tuple] = {}  # (K, K̃, X, Z) of the last solve, reused by commit when the keys agree
+
+    def _check_args(self, lam, alpha, projector, threshold, mode, regularizer, rect_keep, error_correction,
+                    on_conflict, keep_ledger, fold_every) -> None:
+        """Refuse any out-of-range or unknown argument here, at construction, not at the first step."""
+        cls = type(self).__name__
+        arg = lambda a: dict(name=f"solver {cls}: {a}", note=f"model.solver.init_args.{a}")  # noqa: E731
+        checks.choice(value=projector, allowed=("identity", "nullspace"), **arg("projector"))
+        checks.choice(value=mode, allowed=MODES, **arg("mode"))
+        checks.choice(value=regularizer, allowed=REGULARIZERS, **arg("regularizer"))
+        checks.choice(value=on_conflict, allowed=("replace", "keep", "error"), **arg("on_conflict"))
+        checks.boolean(value=error_correction, **arg("error_correction"))
+        checks.boolean(value=keep_ledger, **arg("keep_ledger"))
+        # A_0 = λ PᵀC0P + α I must be positive definite (setup inverts it): both weights finite and >= 0 (L2 = inf
+        # gives A_0⁻¹ = 0, every update 0; NaN fails later as a non-finite update), and α > 0 when λ = 0 (else
+        # A_0 = 0). With λ > 0 and α = 0, whether λ·PᵀC0P alone is positive definite depends on C0: setup checks.
+        checks.number(value=lam, ge=0, **arg("mom2_update_weight"))
+        if lam == 0:  # A_0 = α I (AlphaEdit's default)
+            checks.number(name=f"solver {cls}: L2", value=alpha, gt=0, note="model.solver.init_args.L2; with "
+                          "mom2_update_weight 0, A_0 = λ·PᵀC0P + α·I = α·I is not positive definite unless L2 > 0")
+        checks.number(value=alpha, ge=0, **arg("L2"))
+        # C0's eigenvalues are >= 0: a threshold <= 0 selects no direction, inf selects all (no preservation)
+        checks.number(value=threshold, gt=0, **arg("nullspace_threshold"))
+        checks.number(value=rect_keep, gt=0, le=100, **arg("rect_keep"))  # a percentage of the entries kept
+        checks.integer(value=fold_every, ge=1, **arg("fold_every"))  # pending keys before a fold
+        if regularizer is not None and projector != "identity":
+            raise ValueError(f"solver {cls}: PRUNE/RECT act on the full Δ and would leave the null space: "
+                             f"use projector 'identity'")
+        if error_correction and (regularizer is None or mode != "aligned"):
+            raise ValueError(f"solver {cls}: error_correction feeds back a regulariser's error: it needs a regularizer "
+                             f"and mode 'aligned'")
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self, C0):

@@ -17,10 +17,13 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from lit_edit import checks
 from lit_edit.hooks import capture_inputs
 from lit_edit import distributed as dist
 from lit_edit.layouts import edited_module, weight_shape
 from lit_edit.tokens import context_length, pad_batch, pad_id
+
+STAT_DTYPES = ("float32", "float64", "bfloat16", "float16")  # the cached statistic's; torch dtype names
 
 
 @dataclass
@@ -34,6 +37,19 @@ class StatsConfig:
     batch_tokens: int = 8192  # tokens per forward pass
     dtype: str = "float32"  # dtype of the cached statistic (accumulation is always float64)
     shuffle_seed: int | None = 1  # hub corpora: a fixed pseudo-random subset (reference: seed 1)
+
+    def __post_init__(self):
+        n = lambda field: f"model.stats.{field}"  # noqa: E731  (the setting as written in the YAML config)
+        checks.text(n("dataset"), self.dataset)
+        checks.text(n("config_name"), self.config_name, optional=True)
+        checks.text(n("split"), self.split)
+        checks.text(n("text_field"), self.text_field)
+        checks.integer(n("n_samples"), self.n_samples, ge=1)
+        checks.integer(n("max_length"), self.max_length, ge=1)
+        checks.integer(n("batch_tokens"), self.batch_tokens, ge=1)
+        checks.choice(n("dtype"), self.dtype, STAT_DTYPES)
+        if self.shuffle_seed is not None:  # null: the corpus order (numpy seeds are >= 0)
+            checks.integer(n("shuffle_seed"), self.shuffle_seed, ge=0)
 
 
 def cache_root(cache_dir: str | None = None) -> Path:

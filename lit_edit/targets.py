@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_edit import checks
 from lit_edit.hooks import rewrite_output
 from lit_edit.layouts import block_module
 from lit_edit.requests import EditRequest
-from lit_edit.tokens import encode_prompt, fill_context, pad_batch, pad_id, target_ids
+from lit_edit.tokens import FACT_TOKENS, encode_prompt, fill_context, pad_batch, pad_id, target_ids
 
 
 def hidden_size(model) -> int:
@@ -46,6 +47,23 @@ class TargetConfig:
     kl_prompt: str = "{} is a"
     legacy_bos_shift: bool = False
     chunk_size: int = 0  # requests per forward pass (0 = all); results do not depend on it
+
+    def __post_init__(self):
+        n = lambda field: f"model.targets.{field}"  # noqa: E731  (the setting as written in the YAML config)
+        # the loop evaluates the loss v_num_grad_steps times and steps after all but the last (1: no step, v* = h_init);
+        # 0 would never run and leave v* = 0
+        checks.integer(n("v_num_grad_steps"), self.v_num_grad_steps, ge=1)
+        checks.number(n("v_lr"), self.v_lr, gt=0)
+        checks.number(n("v_weight_decay"), self.v_weight_decay, ge=0)
+        checks.number(n("clamp_norm_factor"), self.clamp_norm_factor, gt=0)  # ‖δ‖ <= factor·‖h_init‖: 0 pins δ = 0
+        checks.number(n("kl_factor"), self.kl_factor, ge=0)
+        checks.choice(n("kl_direction"), self.kl_direction, ("current_ref", "ref_current"))
+        # a request stops once its loss (>= 0) is below it: 0 never stops early, inf stops before any step
+        checks.number(n("early_stop_loss"), self.early_stop_loss, ge=0)
+        checks.choice(n("fact_token"), self.fact_token, FACT_TOKENS)
+        checks.subject_template(n("kl_prompt"), self.kl_prompt)
+        checks.boolean(n("legacy_bos_shift"), self.legacy_bos_shift)
+        checks.integer(n("chunk_size"), self.chunk_size, ge=0)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from lit_edit.module import EditModule
 from lit_edit.solvers import AlignedSolver
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
-CONFIGS = sorted(ROOT.rglob("*.yaml"))
+CONFIGS = sorted(ROOT.rglob("*.yaml")) + sorted((Path(__file__).resolve().parent / "configs").glob("*.yaml"))
 OTE_WORLD = ("memit_naive", "alphaedit_naive", "prune", "prune_no_err", "rect", "rect_no_err", "memorize_latest")
 
 
