@@ -5,6 +5,7 @@ import os
 import pathlib
 
 import pytest
+import torch
 
 from lit_edit import world as W
 from lit_edit.requests import EditRequest
@@ -252,6 +253,34 @@ def test_ensure_world_builds_atomically_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(W, "_build_into", boom)
     monkeypatch.setattr(W, "_train_model", boom)
     assert ensure_world(MICRO, cache_dir=tmp_path, verbose=False) == path
+
+
+def test_build_uses_its_own_fixed_thread_count_and_leaves_the_callers(tmp_path, monkeypatch):
+    """The build trains with LIT_EDIT_WORLD_THREADS (default 1), never one thread per core, and restores the
+    caller's torch thread count; the same count gives bit-identical weights (the cache is reproducible)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.delenv("LIT_EDIT_WORLD_THREADS", raising=False)
+    seen = []
+    real = W._train_model
+    monkeypatch.setattr(W, "_train_model", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = ensure_world(MICRO, cache_dir=tmp_path / "a", verbose=False)
+        assert torch.get_num_threads() == 2
+        b = ensure_world(MICRO, cache_dir=tmp_path / "b", verbose=False)
+        monkeypatch.setenv("LIT_EDIT_WORLD_THREADS", "2")
+        c = ensure_world(MICRO, cache_dir=tmp_path / "c", verbose=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 2]
+    assert [json.loads((p / "report.json").read_text())["torch_threads"] for p in (a, b, c)] == [1, 1, 2]
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    monkeypatch.setenv("LIT_EDIT_WORLD_THREADS", "all")
+    with pytest.raises(ValueError, match="LIT_EDIT_WORLD_THREADS must be a whole number >= 1, got 'all'"):
+        W.build_threads()
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
