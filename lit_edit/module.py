@@ -16,6 +16,9 @@ import lightning as L
 import torch
 
 from lit_edit import distributed as dist
+from lit_edit import runs
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
 from lit_edit.data import check_lengths
 from lit_edit.editing import FactColumns, StepStats, apply_batch, compute_block_states
 from lit_edit.layouts import edited_module, get_layout, get_weight
@@ -127,6 +130,10 @@ class EditModule(L.LightningModule):
             (the non-sequential protocol of MUKE and EasyEdit); the final metrics are those per-batch scores.
         sync_check_every_n_steps: under DDP, compare a checksum of the edited weights across ranks every N steps
             (a raise if they ever differ); 0 = never. No-op on one process.
+        allow_changed: settings (or prefixes, e.g. ``model.targets``) that may differ from the checkpoint's on
+            resume. A resume compares every setting that changes the result (:meth:`run_settings`) and stops before
+            any edit on a difference not listed here. Always free to change: export_dir, eval_every_n_steps,
+            eval_pre, sync_check_every_n_steps, allow_changed and the trainer's options.
     """
 
     def __init__(self, model: str = "world", layers: list[int] = [1, 2], solver: Solver | None = None,
@@ -135,13 +142,12 @@ class EditModule(L.LightningModule):
                  stats: StatsConfig = StatsConfig(),
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
-                 export_dir: str | None = None, sync_check_every_n_steps: int = 1, independent: bool = False) -> None:
+                 export_dir: str | None = None, sync_check_every_n_steps: int = 1, independent: bool = False,
+                 allow_changed: list[str] = []) -> None:
         super().__init__()
-        # LightningCLI re-applies a checkpoint's hyper_parameters over the command line on --ckpt_path: keep out the
-        # options a resumed run may change (where to export, how often to evaluate or check) and anything that is
-        # not an __init__ argument
-        self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake", "windows", "export_dir", "eval_every_n_steps",
-                                          "sync_check_every_n_steps"])
+        # hparams.yaml / TensorBoard: the run's settings as plain values (component objects are added below as dicts);
+        # a resume compares run_settings(), stored in the checkpoint, not these
+        self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake", "windows", "allow_changed"])
         self.model_name = model
         self.layers = sorted(layers)
         self.solver = solver if solver is not None else AlphaEdit()
@@ -165,6 +171,7 @@ class EditModule(L.LightningModule):
         self.export_dir = export_dir
         self.sync_check_every_n_steps = sync_check_every_n_steps
         self.independent = independent
+        self.allow_changed = list(allow_changed)
         self.post_records: dict = {}  # independent runs: case_id -> scores right after its own batch
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
@@ -175,7 +182,9 @@ class EditModule(L.LightningModule):
         self.context: list[str] = []
         self.pre_records: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
         self.final_scores: dict[str, float] = {}
-        self._restored: dict | None = None
+        self._resume: dict | None = None  # set by on_load_checkpoint: what on_fit_start checks and rolls back
+        self._lock: runs.RunLock | None = None
+        self.ledger_lines = 0  # lines of edits.jsonl written so far (counted on every rank; rank 0 writes)
         self.batch_metrics = make_metrics(keys=self.metric_keys)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -227,11 +236,54 @@ class EditModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             dist.check_strategy(self.trainer)
+            # checkpoints written all or nothing, unreadable ones reported with their path (lit_edit.runs)
+            if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                self.trainer.strategy.checkpoint_io = runs.AtomicCheckpointIO()
 
     def on_fit_start(self) -> None:
+        """Claim the run directory before any edit: one fit at a time (a lock), a new fit only into a directory
+        without an editing run's outputs, a resume only into its checkpoint's directory, whose ledger is rolled
+        back to the checkpoint's lines."""
         # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): read it here on every rank, once,
         # never inside a rank-0-only branch
         self.run_dir = self.trainer.log_dir
+        problem = None
+        if self.trainer.is_global_zero and self.run_dir:
+            try:
+                self._claim_run_dir(Path(self.run_dir))
+            except (runs.RunDirError, runs.CheckpointError, OSError) as err:
+                problem = str(err)
+        problem = dist.broadcast_object(problem)  # every rank stops, not only rank 0
+        if problem is not None:
+            raise runs.RunDirError(problem)
+
+    def _claim_run_dir(self, run_dir: Path) -> None:
+        if self._resume is not None:
+            home = runs.checkpoint_run_dir(self._resume["ckpt"], self._resume["run_dir"])
+            if run_dir.resolve() != home:
+                raise runs.RunDirError(
+                    f"a resumed run continues in its checkpoint's run directory {home}, but this trainer writes to "
+                    f"{run_dir}: point the logger there (save_dir/name/version; train.py does it from --ckpt_path)")
+        self._lock = runs.RunLock(run_dir)
+        self._lock.acquire()
+        if self._resume is None:
+            found = runs.run_outputs(run_dir)
+            if found:
+                raise runs.RunDirError(f"run directory {run_dir} already holds an editing run ({', '.join(found)}): "
+                                       f"resume it with --ckpt_path, or write to a new directory (logger version)")
+        else:
+            dropped = runs.Ledger(run_dir).truncate(self._resume["ledger_lines"])
+            if dropped:
+                print(f"lit_edit: resuming {self._resume['ckpt']}: dropped {dropped} ledger line(s) of steps after it")
+
+    def teardown(self, stage: str) -> None:
+        self.release_run_dir()
+
+    def release_run_dir(self) -> None:
+        """Drop the run directory's lock (at the end of a fit, or when it fails: ClosedFormEdit.on_exception)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def configure_optimizers(self):
         return None  # the LLM is frozen; the inner optimisations own their optimisers
@@ -386,32 +438,36 @@ class EditModule(L.LightningModule):
         self._write_ledger(plan, stats)
 
     def _write_ledger(self, plan: EditPlan, stats: StepStats) -> None:
+        """One line per request of the step, appended to ``edits.jsonl`` (rank 0); the count is checkpointed, so a
+        resume rolls the ledger back to exactly the edits its checkpoint holds."""
+        self.ledger_lines += len(plan.requests)
         if self._trainer is None or not self.trainer.is_global_zero or not self.run_dir:
             return
         dropped = set(stats.dropped)
-        with open(Path(self.run_dir) / "edits.jsonl", "a") as f:
-            j = 0  # index among the requests that wrote a value
-            columns_of = plan.columns_of
-            for r in plan.requests:
-                line = {"case_id": r.case_id, "step": self.global_step, "operation": r.op, "fact": r.fact_id,
-                        "layers": self.layers, "update_norm": stats.update_norm}
-                if r.op == "insert" and r.fact_id in dropped:
-                    line["operation"] = "insert (replaced earlier edit)"
-                if r.writes:  # per target column; an unstructured edit has one column per window (their mean)
-                    cols = columns_of[j]
-                    line["target_loss"] = round(float(plan.targets.loss[cols].mean()), 6)
-                    line["residual_norm"] = {l: sum(v[c] for c in cols) / len(cols) for l, v in stats.request_residual.items()}
-                    if plan.seqs is not None:
-                        line["windows"] = len(cols)
-                    if plan.refinement is not None:  # §7.5 diagnostics per request (benchmarks/realisation_bins.py)
-                        line["rho"] = float(plan.refinement.rho[j])
-                        line["beta"] = float(plan.refinement.beta[j])
-                        if plan.beta_hat is not None:
-                            line["beta_hat"] = float(plan.beta_hat[j])
-                    j += 1
-                if r.fact_id in dropped:
-                    line["forget_norm"] = stats.forget_norm
-                f.write(json.dumps(line) + "\n")
+        lines = []
+        j = 0  # index among the requests that wrote a value
+        columns_of = plan.columns_of
+        for r in plan.requests:
+            line = {"case_id": r.case_id, "step": self.global_step, "operation": r.op, "fact": r.fact_id,
+                    "layers": self.layers, "update_norm": stats.update_norm}
+            if r.op == "insert" and r.fact_id in dropped:
+                line["operation"] = "insert (replaced earlier edit)"
+            if r.writes:  # per target column; an unstructured edit has one column per window (their mean)
+                cols = columns_of[j]
+                line["target_loss"] = round(float(plan.targets.loss[cols].mean()), 6)
+                line["residual_norm"] = {l: sum(v[c] for c in cols) / len(cols) for l, v in stats.request_residual.items()}
+                if plan.seqs is not None:
+                    line["windows"] = len(cols)
+                if plan.refinement is not None:  # §7.5 diagnostics per request (benchmarks/realisation_bins.py)
+                    line["rho"] = float(plan.refinement.rho[j])
+                    line["beta"] = float(plan.refinement.beta[j])
+                    if plan.beta_hat is not None:
+                        line["beta_hat"] = float(plan.beta_hat[j])
+                j += 1
+            if r.fact_id in dropped:
+                line["forget_norm"] = stats.forget_norm
+            lines.append(line)
+        runs.Ledger(self.run_dir).append(lines)
 
     # -- evaluation -----------------------------------------------------------------------
     def edited_requests(self) -> list[EditRequest]:
@@ -446,13 +502,12 @@ class EditModule(L.LightningModule):
         if self.trainer.is_global_zero:
             print_table(result, len(edited), self.metric_keys)
             if self.run_dir:
-                Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-                (Path(self.run_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
-                with open(Path(self.run_dir) / "scores.jsonl", "w") as f:  # per record, for breakdowns (e.g. by length)
-                    for r in edited:
-                        f.write(json.dumps({"case_id": r.case_id, **post[r.case_id],
-                                            **{f"pre.{k}": v for k, v in self.pre_records.get(r.case_id, {}).items()},
-                                            **self.record_info(r)}) + "\n")
+                runs.atomic_write(Path(self.run_dir) / runs.METRICS, json.dumps(result, indent=2))
+                # per record, for breakdowns (e.g. by length)
+                runs.atomic_write(Path(self.run_dir) / runs.SCORES, "".join(
+                    json.dumps({"case_id": r.case_id, **post[r.case_id],
+                                **{f"pre.{k}": v for k, v in self.pre_records.get(r.case_id, {}).items()},
+                                **self.record_info(r)}) + "\n" for r in edited))
             if self.logger is not None:
                 self.logger.log_metrics({f"final/{k}": v for k, v in result.items()}, step=self.global_step)
             if self.export_dir:
@@ -467,21 +522,54 @@ class EditModule(L.LightningModule):
         names = {id(p): n for n, p in self.named_parameters()}
         return [names[id(edited_module(self.llm, self.layout, l).weight)] for l in self.layers]
 
+    def run_settings(self) -> dict:
+        """Every setting that changes what a run writes, flat, named as in the YAML config (``model.targets.v_lr``,
+        ``data.batch_size``): stored in each checkpoint and compared on resume."""
+        s = {"model.model": self.model_name, "model.dtype": self.dtype_name, "model.layers": self.layers,
+             "model.layout": self.layout_override, "model.context_templates": self.context_spec,
+             "model.context_seed": self.context_seed, "model.independent": self.independent,
+             "model.solver.class_path": f"{type(self.solver).__module__}.{type(self.solver).__name__}"}
+        s.update(runs.flatten(self.solver.settings(), "model.solver.init_args"))
+        for key in ("targets", "stats", "metake", "windows"):
+            s.update(runs.flatten(self.hparams[key], f"model.{key}"))
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None:
+            s.update(runs.flatten({k: v for k, v in dm.hparams.items() if not k.startswith("_")}, "data"))
+        return s
+
+    def _checksum(self, state_dict: dict, lit_state: dict) -> str:
+        """SHA-256 of the edited matrices and the solver state (verified on load: lit_edit.runs)."""
+        return runs.tensor_checksum(runs.state_tensors({"state_dict": state_dict, "solver": lit_state["solver"]}))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = set(self.edited_param_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["lit_edit"] = {"solver": self.solver.state_dict(), "context": self.context,
-                                  "edited_ids": list(self.edited_ids), "pre_records": self.pre_records,
-                                  "post_records": self.post_records,
-                                  "n_removed": self.n_removed,
-                                  "model": self.model_name, "layers": self.layers,
-                                  "solver_class": type(self.solver).__name__}
+        state = {"solver": self.solver.state_dict(), "context": self.context,
+                 "edited_ids": list(self.edited_ids), "pre_records": self.pre_records,
+                 "post_records": self.post_records,
+                 "n_removed": self.n_removed,
+                 "model": self.model_name, "layers": self.layers,
+                 "solver_class": type(self.solver).__name__,
+                 "settings": self.run_settings(), "ledger_lines": self.ledger_lines,
+                 "run_dir": str(Path(self.run_dir).resolve()) if self.run_dir else None}
+        state["checksum"] = self._checksum(checkpoint["state_dict"], state)
+        checkpoint["lit_edit"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["lit_edit"]
+        """Refuse, before any edit, a checkpoint that is corrupted or was written with other settings."""
+        path = self.trainer.ckpt_path if self._trainer is not None else None
+        state = checkpoint.get("lit_edit")
+        if state is None or "checksum" not in state or "settings" not in state:
+            raise runs.CheckpointError(f"checkpoint {path} was not written by this version of lit_edit (it has no "
+                                       f"checksum and settings record); start a new run")
+        if self._checksum(checkpoint.get("state_dict", {}), state) != state["checksum"]:
+            raise runs.CheckpointError(f"checkpoint {path} is corrupted: the checksum of its edited weights and "
+                                       f"solver state does not match the one recorded when it was written")
+        for key, old, new in runs.compare_settings(state["settings"], self.run_settings(), self.allow_changed, path):
+            print(f"lit_edit: resuming with {key} changed on purpose: {old!r} -> {new!r}")
         if state["layers"] != self.layers:
             raise ValueError(f"checkpoint edits layers {state['layers']}, this run is configured for {self.layers}")
-        if state.get("solver_class", type(self.solver).__name__) != type(self.solver).__name__:
+        if state["solver_class"] != type(self.solver).__name__:
             raise ValueError(f"checkpoint was written by solver {state['solver_class']}, this run is configured with "
                              f"{type(self.solver).__name__}")
         self.solver.load_state_dict(state["solver"])
@@ -490,6 +578,8 @@ class EditModule(L.LightningModule):
         self.n_removed = int(state.get("n_removed", 0))
         self.pre_records = state["pre_records"]
         self.post_records = state.get("post_records", {})
+        self.ledger_lines = int(state["ledger_lines"])
+        self._resume = {"ckpt": path, "ledger_lines": self.ledger_lines, "run_dir": state["run_dir"]}
 
 
 def print_table(result: dict, n: int, keys: tuple[str, ...] = KEYS) -> None:
@@ -503,6 +593,9 @@ def print_table(result: dict, n: int, keys: tuple[str, ...] = KEYS) -> None:
 
 class ClosedFormEdit(L.Callback):
     """Writes the plan of each training step with the module's solver (§4 layer loop), atomically."""
+
+    def on_exception(self, trainer, pl_module: EditModule, exception: BaseException) -> None:
+        pl_module.release_run_dir()  # Lightning calls no module teardown after a failure
 
     def on_train_batch_end(self, trainer, pl_module: EditModule, outputs, batch, batch_idx) -> None:
         plan: EditPlan = outputs["plan"]

@@ -180,6 +180,11 @@ class Solver:
     def describe(self) -> dict:
         return {}
 
+    def settings(self) -> dict:
+        """The constructor arguments that change what this solver writes (stored in checkpoints and compared on
+        resume, so a resumed run cannot silently continue with another λ, α or threshold)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"n_edits": self.n_edits}
 
@@ -430,6 +435,12 @@ class AlignedSolver(Solver):
         return deltas
 
     # -- state -----------------------------------------------------------------------------
+    def settings(self):
+        return {"mom2_update_weight": self.lam, "L2": self.alpha, "projector": self.projector,
+                "nullspace_threshold": self.threshold, "mode": self.mode, "regularizer": self.regularizer,
+                "rect_keep": self.rect_keep, "error_correction": self.error_correction, "on_conflict": self.on_conflict,
+                "keep_ledger": self.keep_ledger, "fold_every": self.fold_every}
+
     def describe(self):
         out = {f"nullspace_rank/layer_{l}": U.shape[1] for l, U in self.U.items()}
         if self.keep_ledger:

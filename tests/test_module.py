@@ -29,7 +29,8 @@ def make_trainer(tmp_path, max_steps=-1, ckpt=True):
     cbs = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
                                                filename="{step}", auto_insert_metric_name=True)] if ckpt else []
     return L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, default_root_dir=tmp_path,
-                     logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb"), callbacks=cbs,
+                     # a fixed version: a resume writes into its checkpoint's run directory (tb/version_0)
+                     logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb", version=0), callbacks=cbs,
                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                      enable_checkpointing=ckpt)
 
@@ -71,8 +72,12 @@ def test_resume_from_checkpoint_gives_the_same_weights(fitted, tmp_path):
     state = torch.load(ckpt, weights_only=False)
     assert len(state["state_dict"]) == len(LAYERS)  # only the edited matrices, not the base model
     c, dm_c = make_module(), EditDataModule(path="world:tiny", limit=24, batch_size=6)
-    make_trainer(tmp_path / "c").fit(c, dm_c, ckpt_path=str(ckpt))
+    trainer_c = make_trainer(tmp_path / "b")
+    trainer_c.fit(c, dm_c, ckpt_path=str(ckpt))
     assert c.edited_ids == module_a.edited_ids
+    # the resumed run continued B's ledger: every request once, in stream order
+    ledger = [json.loads(x) for x in (__import__("pathlib").Path(trainer_c.log_dir) / "edits.jsonl").read_text().splitlines()]
+    assert [x["case_id"] for x in ledger] == [r.case_id for r in dm_c.requests]
     for l, w in edited_weights(module_a).items():
         torch.testing.assert_close(get_weight(c.llm, c.layout, l), w, rtol=0, atol=1e-6)
 
@@ -201,7 +206,7 @@ def test_remove_and_replace_work_after_a_resume(tiny_world, tmp_path):
     b = make_module(eval_pre=False)
     make_trainer(tmp_path / "b", max_steps=2).fit(b, dm())
     c = make_module(eval_pre=False)
-    make_trainer(tmp_path / "c").fit(c, dm(), ckpt_path=str(tmp_path / "b" / "ckpt" / "step=2.ckpt"))
+    make_trainer(tmp_path / "b").fit(c, dm(), ckpt_path=str(tmp_path / "b" / "ckpt" / "step=2.ckpt"))
     assert c.edited_ids == a.edited_ids and c.solver.ledger_ids == a.solver.ledger_ids
     for l, w in edited_weights(a).items():
         torch.testing.assert_close(get_weight(c.llm, c.layout, l), w, rtol=0, atol=1e-6)

@@ -1,0 +1,269 @@
+"""A run's files: one directory, one complete record, written so that no crash leaves a half-written file.
+
+* :func:`atomic_write` — every file a run writes whole (``metrics.json``, ``scores.jsonl``, a rolled-back
+  ledger, checkpoints) goes to a temporary file in the same directory, is flushed to disk and renamed over the
+  final name. A failed write (disk full, a kill) leaves the previous file intact and raises with the path.
+* :class:`AtomicCheckpointIO` — Lightning's checkpoint I/O through :func:`atomic_write`; a checkpoint that cannot
+  be read is reported with its path instead of a bare ``EOFError`` or zip error.
+* :func:`tensor_checksum` — a SHA-256 of tensors' bytes, stored in a checkpoint and verified on load, so a
+  corrupted checkpoint is refused at once rather than failing steps later in a Cholesky factorisation.
+* :class:`Ledger` — ``edits.jsonl``, one line per applied request. Lines are appended after each step; a
+  checkpoint records how many lines existed when it was taken, and a resume truncates the ledger back to that
+  count, so after any crash + resume it holds exactly the applied edits, each once.
+* :class:`RunLock` — an exclusive ``flock`` on ``<run_dir>/.lock`` for the life of a fit, so two fits never
+  write into one directory at once (the kernel drops it when the process dies, so a ``kill -9`` leaves no
+  stale lock).
+* :func:`compare_settings` — a resume is strict: every setting that changes the result is stored in the
+  checkpoint and compared; a difference stops the run before any edit, naming the setting and both values.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+LEDGER = "edits.jsonl"
+METRICS = "metrics.json"
+SCORES = "scores.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (in use, already holds another run, wrong place to resume)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, is corrupted, or does not belong to this run's settings."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic files
+# ------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` all or nothing: a temporary file in the same directory (same file system,
+    so the rename is atomic), flushed and fsync'ed, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"could not write {path} ({err.strerror or err}); the previous version, if "
+                                     f"any, is intact") from err
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to memory, then :func:`atomic_write`; loading names the file on any failure."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, buffer.getbuffer())
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint {p} does not exist")
+        if p.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {p} is empty (0 bytes): a failed or interrupted write")
+        try:
+            return torch.load(p, map_location=map_location or "cpu", weights_only=True if weights_only is None
+                              else weights_only)
+        except Exception as err:  # zip, pickle or storage errors: name the file
+            raise CheckpointError(f"checkpoint {p} cannot be read ({type(err).__name__}: {err}); it is corrupted or "
+                                  f"not a lit_edit checkpoint") from err
+
+
+def tensor_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of each tensor, in the given order."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def state_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested dict/list state, with its path, in a deterministic (sorted-key) order."""
+    out: list[tuple[str, torch.Tensor]] = []
+    if isinstance(obj, torch.Tensor):
+        out.append((prefix, obj))
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            out.extend(state_tensors(obj[k], f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.extend(state_tensors(v, f"{prefix}[{i}]"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The ledger
+# ------------------------------------------------------------------------------------------------
+
+
+class Ledger:
+    """``<run_dir>/edits.jsonl``: one JSON line per applied request, appended step by step."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LEDGER
+
+    def append(self, lines: list[dict]) -> None:
+        """Append one step's lines in one write, flushed to disk (a crash mid-write leaves at most a partial last
+        line, which :meth:`truncate` drops on resume)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise OSError(err.errno, f"could not append to the ledger {self.path} ({err.strerror or err})") from err
+
+    def complete_lines(self) -> list[bytes]:
+        """The ledger's complete lines (a partial last line, from a crash mid-write, is not one)."""
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        return [line + b"\n" for line in lines[:-1]]  # the part after the last newline is partial or empty
+
+    def truncate(self, n: int) -> int:
+        """Keep the first ``n`` lines (those of the steps a checkpoint holds); returns how many were dropped.
+        Refuses a ledger with fewer than ``n`` complete lines: it does not belong to the checkpoint."""
+        lines = self.complete_lines()
+        if len(lines) < n:
+            raise CheckpointError(f"the ledger {self.path} holds {len(lines)} complete lines, but the checkpoint was "
+                                  f"taken after {n}: the ledger was truncated or replaced")
+        for i, line in enumerate(lines[:n]):
+            try:
+                json.loads(line)
+            except ValueError as err:
+                raise CheckpointError(f"the ledger {self.path} line {i + 1} is not valid JSON ({err})") from err
+        size = self.path.stat().st_size if self.path.exists() else 0
+        kept = b"".join(lines[:n])
+        if len(kept) != size:
+            atomic_write(self.path, kept)
+        return len(lines) - n
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory
+# ------------------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``<run_dir>/.lock``, held until :meth:`release`."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self._f = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirError(f"run directory {self.path.parent} is in use by {holder}: two fits cannot write into "
+                              f"one run directory at once") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._f = f
+
+    def release(self) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
+def run_outputs(run_dir: str | os.PathLike) -> list[str]:
+    """The files of an editing run already in ``run_dir`` (what makes it "not empty" for a new fit)."""
+    d = Path(run_dir)
+    found = [name for name in (LEDGER, METRICS, SCORES) if (d / name).exists()]
+    if any((d / CHECKPOINTS).glob("*.ckpt")):
+        found.append(f"{CHECKPOINTS}/*.ckpt")
+    return found
+
+
+def checkpoint_run_dir(ckpt_path: str | os.PathLike | None, recorded: str | None) -> Path | None:
+    """The run directory a checkpoint belongs to: ``<run_dir>/checkpoints/<file>`` (where ModelCheckpoint puts
+    it, so a moved run directory still resumes), else the directory recorded in the checkpoint."""
+    p = Path(ckpt_path).resolve() if ckpt_path else None
+    if p is not None and p.parent.name == CHECKPOINTS:
+        return p.parent.parent
+    return Path(recorded).resolve() if recorded else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Strict resume
+# ------------------------------------------------------------------------------------------------
+
+
+def flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"prefix.a.b": 1}``; lists and scalars are leaves."""
+    if isinstance(tree, Mapping) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: tree}
+
+
+_ABSENT = "<not set>"
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, checkpoint's value, this run's value) for every setting that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append((key, a, b))
+    return out
+
+
+def compare_settings(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str],
+                     ckpt_path: str | None) -> list[tuple[str, Any, Any]]:
+    """Raise :class:`CheckpointError` naming every changed setting not in ``allowed`` (a setting or a prefix of
+    settings, e.g. ``model.targets``); return the allowed changes (the caller reports them)."""
+    allowed = list(allowed)
+    ok = lambda key: any(key == a or key.startswith(a + ".") for a in allowed)  # noqa: E731
+    changes = changed_settings(saved, current)
+    bad = [c for c in changes if not ok(c[0])]
+    if bad:
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, this run {b!r}" for k, a, b in bad)
+        names = ", ".join(k for k, _, _ in bad)
+        raise CheckpointError(
+            f"cannot resume from {ckpt_path}: {len(bad)} setting(s) differ from the run that wrote it:\n{lines}\n"
+            f"Resume with the checkpoint's values, or, to change them on purpose, pass "
+            f"--model.allow_changed '[{names}]'.")
+    return changes
