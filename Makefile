@@ -8,12 +8,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 setup: $(VENV)/.installed
 
-# torch first, as the CPU wheel pinned here (any other spec pulls the CUDA build)
-$(VENV)/.installed: pyproject.toml
+# torch first, as the CPU wheel pinned here (any other spec pulls the CUDA build); then the package with the exact
+# versions the test suite passed with (constraints.txt)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
 demo: setup
