@@ -10,7 +10,8 @@ training step applies one batch of edits. Three pieces:
   :class:`~lit_edit.requests.UnstructuredRequest`: :func:`read_unke`, :func:`read_akew`
   (MQuAKE-CF and CounterFact formats), :func:`read_editeverything`, :func:`read_world_long`
   (the fact world's long-form paragraphs); :func:`check_lengths` checks them against a model's
-  context. Every request is validated when it is read, so a bad record
+  context (:func:`check_structured_lengths` the structured ones). Every request is validated when it
+  is read, so a bad record
   fails at load time with an :class:`~lit_edit.requests.EditRequestError` naming its case id and
   field, not halfway through an editing run.
 * :class:`StreamCursor` records how many batches of the stream have been *applied*.
@@ -30,9 +31,13 @@ rank), so the trainer must not inject a ``DistributedSampler``: use
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import logging
 import math
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +46,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
+from lit_edit.metrics import scored_pairs, scored_prefix
 from lit_edit.requests import EditRequest, EditRequestError, UnstructuredRequest, chat_prompt, edit_answer
-from lit_edit.tokens import bos_ids, context_length, encode
+from lit_edit.tokens import bos_ids, context_length, encode, encode_prompt, fill_context, target_ids
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,113 @@ _MISSING = object()
 # --------------------------------------------------------------------------------------------
 
 
+class EditDataError(ValueError):
+    """An edit-records source that cannot be read: names the file (or dataset id) and what is wrong with it."""
+
+
+RECORD_SUFFIXES = (".json", ".jsonl")
+# A hub repo id: "name" or "namespace/name", each part starting with a letter or digit (huggingface_hub's rule,
+# less its length and "--"/".." limits, which only matter for telling ids from paths at the edges).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` means a local file or directory rather than a hub id.
+
+    An existing file or directory always is one. Otherwise: an absolute path, one starting with
+    ``./``, ``../`` or ``~``, or one with a path separator that is not of the hub's ``"org/name"``
+    form (``"models/gpt2/"``, ``"a/b/c"``). ``"gpt2-xl"`` and ``"meta-llama/Llama-3-8B"`` are hub
+    ids; so is a missing ``"models/gpt2"``, which cannot be told apart from one. The caller can then
+    report a missing path as missing, instead of the hub's "Repo id must be in the form ...".
+    """
+    if os.path.exists(os.path.expanduser(name)):
+        return True
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if name in (".", "..") or name.startswith("~") or os.path.isabs(name):
+        return True
+    if any(name.startswith(dots + sep) for dots in (".", "..") for sep in seps):
+        return True
+    # "org/name" is the hub's form; more separators, a trailing one, or characters no repo id has mean a path
+    return any(sep in name for sep in seps) and _HUB_ID.fullmatch(name) is None
+
+
+def _json_values(text: str, path: Path, lines: bool) -> list[tuple[str, Any]]:
+    """The records of a JSON (``lines=False``) or JSON Lines text as ``(where, value)`` pairs.
+
+    ``where`` names the record for an error: ``"record 3"`` in a JSON list, ``"line 7"`` in JSON
+    Lines. A ``.json`` file may hold JSON Lines too (``datasets`` reads both), which shows as
+    "Extra data" after a first complete value.
+    """
+    if not lines:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":
+                raise EditDataError(f"edit records file {path} is not valid JSON: {err.msg} at line {err.lineno} "
+                                    f"column {err.colno}") from None
+        else:
+            if not isinstance(value, list):
+                raise EditDataError(f"edit records file {path} holds a JSON {_json_type(value)} at the top level; "
+                                    f"expected a list of records (objects)")
+            return [(f"record {i}", v) for i, v in enumerate(value)]
+    values = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise EditDataError(f"edit records file {path} is not valid JSON: {err.msg} at line {number} "
+                                f"column {err.colno}") from None
+    return values
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def check_records_file(path: str | Path) -> None:
+    """Raise :class:`EditDataError` naming ``path`` unless it is a non-empty JSON list of objects or JSON Lines
+    of objects, in UTF-8.
+
+    ``datasets`` reports these cases without the file name (``DatasetGenerationError``, a bare
+    ``StopIteration`` for an empty file, "Instruction "train" corresponds to no data!" for ``[]``),
+    so they are caught here first. One pass over the bytes: decode, then ``json.loads``. The byte of a UTF-8
+    error is its 0-based offset in the file (as ``hexdump`` shows it).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # datasets accepts a BOM
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = start + err.start
+        line = data.count(b"\n", 0, at) + 1
+        raise EditDataError(f"edit records file {path} is not valid UTF-8 at byte {at} (line {line})") from None
+    if not text.strip():
+        raise EditDataError(f"edit records file {path} is empty")
+    values = _json_values(text, path, lines=path.suffix == ".jsonl")
+    if not values:
+        raise EditDataError(f"edit records file {path} holds no records")
+    for where, value in values:
+        if not isinstance(value, dict):
+            raise EditDataError(f"edit records file {path}: {where} is a JSON {_json_type(value)}, expected an "
+                                f"object (one record)")
+
+
+def _records_files(directory: Path) -> list[Path]:
+    """The ``.json``/``.jsonl`` files ``datasets`` reads from a directory (it skips hidden and ``__`` paths)."""
+    files = []
+    for file in sorted(directory.rglob("*")):
+        parts = file.relative_to(directory).parts
+        if file.is_file() and file.suffix in RECORD_SUFFIXES and not any(
+            p.startswith(".") or p.startswith("__") for p in parts
+        ):
+            files.append(file)
+    return files
+
+
 def load_records(path_or_id: str, split: str = "train", limit: int | None = None) -> list[dict]:
     """Load raw records as plain dicts, in file order, through HF ``datasets``.
 
@@ -63,7 +176,12 @@ def load_records(path_or_id: str, split: str = "train", limit: int | None = None
     (a directory's files named ``train``/``test``/... become splits, as ``datasets`` infers them;
     otherwise every file is ``train``); anything else is taken as a hub dataset id. ``limit``
     keeps the first N records in file order, not a random sample: the reference protocol edits
-    the first N records of a benchmark.
+    the first N records of a benchmark (``limit=0`` gives no records).
+
+    Every local file is checked first (:func:`check_records_file`), so an empty, non-UTF-8,
+    malformed or record-less file fails with an :class:`EditDataError` naming it; so does anything
+    else ``datasets`` raises for a local file or a hub id. A missing local path (one that
+    :func:`looks_like_local_path`) raises ``FileNotFoundError``, without asking the hub.
 
     Note that the ``json`` builder unifies the schema across records: a key missing from one
     record comes back as ``None`` (the readers turn that into an :class:`EditRequestError`).
@@ -74,13 +192,25 @@ def load_records(path_or_id: str, split: str = "train", limit: int | None = None
         raise ValueError(f"limit must be None or >= 0, got {limit}")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
-        dataset = datasets.load_dataset("json", data_dir=str(path), split=split)
+        files = _records_files(path)
+        if not files:
+            raise EditDataError(f"edit records directory {path} holds no .json or .jsonl files")
+        for file in files:
+            check_records_file(file)
+        source, load = str(path), lambda: datasets.load_dataset("json", data_dir=str(path), split=split)
     elif path.is_file():
-        dataset = datasets.load_dataset("json", data_files=str(path), split=split)
-    elif path.suffix in (".json", ".jsonl"):
-        raise FileNotFoundError(f"edit records file not found: {path}")
+        check_records_file(path)
+        source, load = str(path), lambda: datasets.load_dataset("json", data_files=str(path), split=split)
+    elif path.suffix in RECORD_SUFFIXES or looks_like_local_path(path_or_id):
+        raise FileNotFoundError(f"edit records file or directory {path_or_id} does not exist")
     else:
-        dataset = datasets.load_dataset(path_or_id, split=split)
+        source, load = f"hub dataset {path_or_id!r}", lambda: datasets.load_dataset(path_or_id, split=split)
+    try:
+        dataset = load()
+    except Exception as err:  # datasets' own errors rarely say which file or id they were loading
+        cause = f" (caused by {type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+        raise EditDataError(f"cannot load edit records from {source} (split {split!r}): "
+                            f"{type(err).__name__}: {err}{cause}") from err
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset.to_list()
@@ -586,14 +716,14 @@ def check_length(request: UnstructuredRequest, tokenizer, max_length, *, templat
     return request
 
 
-def check_lengths(requests: list[UnstructuredRequest], tokenizer, max_length, *, template: str | None = None,
-                  chat: bool = True, on_invalid: str = "raise") -> list[UnstructuredRequest]:
-    """:func:`check_length` for every request; ``on_invalid="skip"`` drops (and logs) those that do not fit."""
+def _keep_fitting(requests: list, check: Callable, on_invalid: str) -> list:
+    """``check(request)`` for every request (it raises :class:`EditRequestError` when one does not fit the model);
+    ``on_invalid="skip"`` drops and logs those. Returns the requests kept, in order."""
     _check_on_invalid(on_invalid)
     kept = []
     for request in requests:
         try:
-            kept.append(check_length(request, tokenizer, max_length, template=template, chat=chat))
+            kept.append(check(request))
         except EditRequestError as err:
             if on_invalid == "raise":
                 raise
@@ -601,6 +731,79 @@ def check_lengths(requests: list[UnstructuredRequest], tokenizer, max_length, *,
     if len(kept) < len(requests):
         log.warning("skipped %d of %d edit records as too long", len(requests) - len(kept), len(requests))
     return kept
+
+
+def check_lengths(requests: list[UnstructuredRequest], tokenizer, max_length, *, template: str | None = None,
+                  chat: bool = True, on_invalid: str = "raise") -> list[UnstructuredRequest]:
+    """:func:`check_length` for every request; ``on_invalid="skip"`` drops (and logs) those that do not fit."""
+    return _keep_fitting(requests, lambda r: check_length(r, tokenizer, max_length, template=template, chat=chat),
+                         on_invalid)
+
+
+def _scored_field(key: str, slot: int) -> str:
+    return {"efficacy": "prompt", "generalization": f"paraphrase_prompts[{slot}]",
+            "specificity": f"neighborhood_prompts[{slot}]"}[key]
+
+
+def _target_field(key: str, slot: int, which: str) -> str:
+    if which == "acc":  # ZsRE: one target per prompt, the neighbourhood prompt's own answer for specificity
+        return f"neighborhood_targets[{slot}]" if key == "specificity" else "target_new"
+    return "target_new" if which == "new" else "target_true"
+
+
+def check_structured_length(request: EditRequest, tokenizer, max_length, *, context: str = "{}",
+                            fact_token: str = "subject_last") -> EditRequest:
+    """Raise :class:`EditRequestError` naming the record, the field and both lengths if a sequence of a structured
+    request does not fit the model's context; removals (nothing edited or scored) pass.
+
+    ``max_length``: the context in tokens, or a model / config (:func:`~lit_edit.tokens.context_length`).
+    Checked, in this order:
+
+    * the edit sequence: ``context`` (the longest context template) filled with the prompt, then
+      ``target_new``, as the targets are optimised; its last token is never an input (``- 1``). Field ``prompt``.
+    * every sequence :func:`~lit_edit.metrics.record_scores` runs through the model, whole (BOS + prompt + the
+      target, :func:`~lit_edit.metrics.scored_prefix`): the rewrite prompt (field ``prompt``), each paraphrase
+      (``paraphrase_prompts[i]``) and each neighbourhood prompt (``neighborhood_prompts[i]``; ZsRE's locality
+      question), each with every target it is scored against (``target_new`` / ``target_true``; ZsRE
+      neighbourhood: ``neighborhood_targets[i]``). The pairs come from :func:`~lit_edit.metrics.scored_pairs`,
+      so the check follows the scorer.
+
+    Attribute and generation prompts are not checked: no metric runs them.
+    """
+    limit = context_length(max_length)
+    if limit is None:
+        raise ValueError(f"cannot tell the model's context length from {type(max_length).__name__}")
+    if not request.writes:
+        return request
+    cid = request.case_id
+    enc = encode_prompt(tokenizer, fill_context(context, request.prompt), request.subject, fact_token)
+    n = len(enc.ids) + len(target_ids(tokenizer, request.target_new)) - 1
+    if n > limit:
+        raise EditRequestError(cid, "prompt", f"prompt + target_new is {n} tokens with the longest context template; "
+                               f"the model allows {limit}")
+    prompt_len: dict[str, int] = {}  # each prompt is scored against two targets: tokenise it once
+    target_len: dict[str, int] = {}
+    for key, slot, which, prompt, target in scored_pairs(request):
+        if target is None:  # nothing to append (and nothing record_scores could score)
+            continue
+        if prompt not in prompt_len:
+            prompt_len[prompt] = len(scored_prefix(tokenizer, prompt))
+        if target not in target_len:
+            target_len[target] = len(target_ids(tokenizer, target))
+        n_p, n_t = prompt_len[prompt], target_len[target]
+        if n_p + n_t > limit:
+            raise EditRequestError(cid, _scored_field(key, slot),
+                                   f"scored as prompt ({n_p} tokens) + {_target_field(key, slot, which)} ({n_t} "
+                                   f"tokens) = {n_p + n_t} tokens; the model's context is {limit} tokens")
+    return request
+
+
+def check_structured_lengths(requests: list[EditRequest], tokenizer, max_length, *, context: str = "{}",
+                             fact_token: str = "subject_last", on_invalid: str = "raise") -> list[EditRequest]:
+    """:func:`check_structured_length` for every request; ``on_invalid="skip"`` drops (and logs) those that do not
+    fit. Returns the requests kept, in order."""
+    return _keep_fitting(requests, lambda r: check_structured_length(r, tokenizer, max_length, context=context,
+                                                                     fact_token=fact_token), on_invalid)
 
 
 READERS: dict[str, Callable[..., list[EditRequest] | list[UnstructuredRequest]]] = {
@@ -793,7 +996,9 @@ class EditDataModule(L.LightningDataModule):
         batch_size: edits per training step.
         offset: skip the first ``offset`` requests (e.g. to edit records 1000..1999).
         target_field: ZsRE only, ``"answers"`` (MEMIT) or ``"alt"`` (EasyEdit).
-        on_invalid: ``"raise"`` on an invalid record, or ``"skip"`` it with a logged warning.
+        on_invalid: ``"raise"`` on an invalid record, or ``"skip"`` it with a logged warning. This also holds for
+            requests the model cannot run (longer than its context), which the editing module finds at set-up
+            and drops from the stream through :meth:`drop_requests`.
 
     The editing callback must call :meth:`mark_applied` after each successfully applied batch;
     that count is what checkpoints save and what a resumed run starts from.
@@ -875,6 +1080,35 @@ class EditDataModule(L.LightningDataModule):
     def mark_applied(self, n_batches: int = 1) -> None:
         """Record that the next ``n_batches`` batches of the stream have been edited into the model."""
         self._require_cursor().advance(n_batches)
+
+    def drop_requests(self, case_ids) -> None:
+        """Drop requests from the stream after :meth:`setup`, before any batch is applied.
+
+        For checks that need the model, which the data module does not have: with ``on_invalid="skip"``,
+        :meth:`lit_edit.module.EditModule.validate_lengths` drops the requests that do not fit its context here, in
+        ``configure_model``. The cursor is rebuilt on the filtered stream, so checkpoints save *its* size and
+        fingerprint. Lightning calls ``configure_model`` before it restores a checkpoint's stream position, so a
+        resumed run filters the same way first and then finds the same stream; had it dropped other requests
+        (another model or tokenizer), the fingerprint check refuses the resume (:class:`StreamStateError`).
+        """
+        cursor = self._require_cursor()
+        if cursor.consumed:
+            raise RuntimeError(f"cannot drop requests from the edit stream: {cursor.consumed} batch(es) of it are "
+                               "already applied")
+        drop = set(case_ids)
+        unknown = drop - {r.case_id for r in self.requests}
+        if unknown:
+            raise ValueError(f"cannot drop case ids that are not in the edit stream: {sorted(map(repr, unknown))}")
+        kept = [r for r in self.requests if r.case_id not in drop]
+        if not kept:
+            raise ValueError(f"the edit stream is empty: all {len(self.requests)} requests were dropped as invalid "
+                             f"({self.dataset} at {self.path!r}, split={self.split!r}, offset={self.offset}, "
+                             f"limit={self.limit})")
+        if len(kept) < len(self.requests):
+            log.warning("dropped %d of %d requests from the edit stream; it now has %d", len(self.requests) - len(kept),
+                        len(self.requests), len(kept))
+        self.requests = kept
+        self._cursor = StreamCursor(len(kept), self.batch_size, stream_fingerprint(kept))
 
     def _require_cursor(self) -> StreamCursor:
         if self._cursor is None:

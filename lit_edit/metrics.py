@@ -43,16 +43,22 @@ def compute_metrics(metrics: MetricCollection, keys: tuple[str, ...]) -> dict[st
     return {k: float(values[(metrics.prefix or "") + _slot(k)]) for k in keys}
 
 
+def scored_prefix(tok, prompt: str) -> list[int]:
+    """The ids a scored prompt is fed as: BOS (if any) + the prompt. :func:`score_targets` appends the target's
+    :func:`~lit_edit.tokens.target_ids` and runs the whole sequence (``lit_edit.data.check_structured_length``
+    checks that length against the model's context)."""
+    return bos_ids(tok) + encode(tok, prompt)
+
+
 @torch.no_grad()
 def score_targets(model, tok, prompts: list[str], targets: list[str], chunk: int = 64):
     """For each (prompt, target): mean per-token NLL of the target and whether every target token is the argmax."""
     dev = next(model.parameters()).device
-    bos = bos_ids(tok)
     nll, top1 = [], []
     for c in range(0, len(prompts), chunk):
         seqs, spans = [], []
         for p, t in zip(prompts[c : c + chunk], targets[c : c + chunk]):
-            pre, tgt = bos + encode(tok, p), target_ids(tok, t)
+            pre, tgt = scored_prefix(tok, p), target_ids(tok, t)
             seqs.append(pre + tgt)
             spans.append((len(pre), tgt))
         ids, mask = pad_batch(seqs, pad_id(tok))
@@ -66,20 +72,28 @@ def score_targets(model, tok, prompts: list[str], targets: list[str], chunk: int
     return nll, top1
 
 
+def scored_pairs(r: EditRequest) -> list[tuple[str, int, str, str, str]]:
+    """Every (prompt, target) :func:`record_scores` scores for ``r``, as ``(metric, prompt slot, which target,
+    prompt, target)``: the rewrite prompt (efficacy), each paraphrase (generalization) and each neighbourhood
+    prompt (specificity), against ``target_new`` and ``target_true`` ("new", "true"), or for ZsRE against one
+    target ("acc": ``target_new``, or the neighbourhood prompt's own answer)."""
+    pairs = []
+    groups = {"efficacy": [r.filled_prompt], "generalization": r.paraphrase_prompts, "specificity": r.neighborhood_prompts}
+    for key, ps in groups.items():
+        for j, p in enumerate(ps):
+            if r.source == "zsre":
+                pairs.append((key, j, "acc", p, r.neighborhood_targets[j] if key == "specificity" else r.target_new))
+            else:
+                pairs += [(key, j, "new", p, r.target_new), (key, j, "true", p, r.target_true)]
+    return pairs
+
+
 def record_scores(model, tok, requests: list[EditRequest]) -> list[dict[str, float]]:
     """Per-request efficacy / generalization / specificity in [0, 1] (a key is absent when the record has no prompt for it)."""
     prompts, targets, where = [], [], []  # where: (request, metric, prompt slot, which target)
     for i, r in enumerate(requests):
-        groups = {"efficacy": [r.filled_prompt], "generalization": r.paraphrase_prompts, "specificity": r.neighborhood_prompts}
-        for key, ps in groups.items():
-            for j, p in enumerate(ps):
-                if r.source == "zsre":
-                    tgt = r.neighborhood_targets[j] if key == "specificity" else r.target_new
-                    prompts.append(p), targets.append(tgt), where.append((i, key, j, "acc"))
-                else:
-                    for which in ("new", "true"):
-                        prompts.append(p), targets.append(r.target_new if which == "new" else r.target_true)
-                        where.append((i, key, j, which))
+        for key, j, which, p, t in scored_pairs(r):
+            prompts.append(p), targets.append(t), where.append((i, key, j, which))
     nll, top1 = score_targets(model, tok, prompts, targets)
     table: dict = {}
     for (i, key, j, which), a, b in zip(where, nll, top1):

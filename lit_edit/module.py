@@ -14,12 +14,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
-from lit_edit import distributed as dist
-from lit_edit import runs
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lit_edit.data import check_lengths
+from lit_edit import checks, runs
+from lit_edit import distributed as dist
+from lit_edit.data import check_lengths, check_structured_lengths, is_world_spec, looks_like_local_path
 from lit_edit.editing import FactColumns, StepStats, apply_batch, compute_block_states
 from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.metake import MetaKEConfig, Refinement, refine_targets
@@ -30,7 +29,7 @@ from lit_edit.requests import EditRequest, EditRequestError, UnstructuredRequest
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, layer_stats
 from lit_edit.targets import TargetConfig, TargetResult, compute_targets, hidden_size, opt_dtype
-from lit_edit.tokens import context_length, encode, encode_prompt, fill_context, pad_id, target_ids
+from lit_edit.tokens import context_length, encode, pad_id
 
 
 @dataclass
@@ -71,20 +70,33 @@ def gather_targets(local: TargetResult | None, capacity: int, d: int, dtype: tor
                         rows(local.steps).cpu(), local.history)
 
 
-def load_model(name_or_path: str, dtype: str = "float32"):
-    """``from_pretrained`` for a hub id or local path; ``world[:preset]`` is the built-in fact world."""
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """``from_pretrained`` for a hub id or local path; ``world[:preset]`` is the built-in fact world.
+
+    A name that :func:`~lit_edit.data.looks_like_local_path` must exist, as a directory: otherwise a
+    ``FileNotFoundError`` names it, where transformers would answer "Repo id must be in the form ...".
+    ``trust_remote_code`` goes to both ``from_pretrained`` calls explicitly, so a model with custom code is
+    refused (unless it is ``True``), never met with an interactive "run the custom code? [y/N]" prompt.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = name_or_path
-    if name_or_path.startswith("world"):
+    if is_world_spec(name_or_path):  # the one test for "the built-in world": a dir named world_models/... is not it
         from lit_edit.world import ensure_world, resolve_world_name
 
         path = str(ensure_world(resolve_world_name(name_or_path)) / "model")
-    tok = AutoTokenizer.from_pretrained(path)
+    elif looks_like_local_path(name_or_path):
+        local = Path(name_or_path).expanduser()  # transformers does not expand "~"
+        if not local.exists():
+            raise FileNotFoundError(f"model directory {name_or_path} does not exist (model.model)")
+        if not local.is_dir():
+            raise NotADirectoryError(f"model path {name_or_path} is not a directory (model.model)")
+        path = str(local)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tok.padding_side = "right"  # all position arithmetic assumes right padding (§1.5)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model, tok, path
 
 
@@ -107,6 +119,29 @@ def generate_context_templates(model, tok, spec: list[list[int]], seed: int) -> 
             text = tok.decode(ids[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
             out.append(text + ". {}")
     return out
+
+
+def check_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
+                      sync_check_every_n_steps, allow_changed) -> None:
+    """EditModule's own settings, refused at construction with the YAML name (lit_edit.checks)."""
+    checks.text("model.model", model)
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"model.layers must be a non-empty list of block indices, got {layers!r}")
+    for i, l in enumerate(layers):
+        checks.integer(f"model.layers[{i}]", l, ge=0)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"model.layers must not repeat a layer, got {list(layers)}")
+    checks.choice("model.dtype", dtype, ("float32", "float64", "bfloat16", "float16"))
+    for i, spec in enumerate(context_templates):
+        if not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            raise ValueError(f"model.context_templates[{i}] must be [length, count], got {spec!r}")
+        checks.integer(f"model.context_templates[{i}][0] (length in tokens)", spec[0], ge=1)
+        checks.integer(f"model.context_templates[{i}][1] (count)", spec[1], ge=0)
+    checks.integer("model.context_seed", context_seed, ge=0)
+    checks.integer("model.eval_every_n_steps", eval_every_n_steps, ge=0)
+    checks.integer("model.sync_check_every_n_steps", sync_check_every_n_steps, ge=0)
+    for i, name in enumerate(allow_changed):
+        checks.text(f"model.allow_changed[{i}]", name)
 
 
 class EditModule(L.LightningModule):
@@ -134,6 +169,8 @@ class EditModule(L.LightningModule):
             resume. A resume compares every setting that changes the result (:meth:`run_settings`) and stops before
             any edit on a difference not listed here. Always free to change: export_dir, eval_every_n_steps,
             eval_pre, sync_check_every_n_steps, allow_changed and the trainer's options.
+        trust_remote_code: let transformers run the custom modelling code a hub or local model ships (passed to
+            both ``from_pretrained`` calls); off by default, so such a model is refused rather than run.
     """
 
     def __init__(self, model: str = "world", layers: list[int] = [1, 2], solver: Solver | None = None,
@@ -143,11 +180,13 @@ class EditModule(L.LightningModule):
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
                  export_dir: str | None = None, sync_check_every_n_steps: int = 1, independent: bool = False,
-                 allow_changed: list[str] = []) -> None:
+                 trust_remote_code: bool = False, allow_changed: list[str] = []) -> None:
         super().__init__()
         # hparams.yaml / TensorBoard: the run's settings as plain values (component objects are added below as dicts);
         # a resume compares run_settings(), stored in the checkpoint, not these
         self.save_hyperparameters(ignore=["solver", "targets", "stats", "metake", "windows", "allow_changed"])
+        check_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
+                          sync_check_every_n_steps, allow_changed)
         self.model_name = model
         self.layers = sorted(layers)
         self.solver = solver if solver is not None else AlphaEdit()
@@ -172,6 +211,7 @@ class EditModule(L.LightningModule):
         self.sync_check_every_n_steps = sync_check_every_n_steps
         self.independent = independent
         self.allow_changed = list(allow_changed)
+        self.trust_remote_code = trust_remote_code
         self.post_records: dict = {}  # independent runs: case_id -> scores right after its own batch
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
@@ -193,7 +233,7 @@ class EditModule(L.LightningModule):
         Lightning calls this before restoring a checkpoint, so a resumed run sees the same values."""
         if self.llm is not None:
             return
-        self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name)
+        self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name, self.trust_remote_code)
         self.llm.requires_grad_(False).eval()
         self.layout = get_layout(self.llm, self.layout_override)
         n_layers = self.layout.n_layers(self.llm)
@@ -202,36 +242,52 @@ class EditModule(L.LightningModule):
         self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
         dm = self.trainer.datamodule if self._trainer is not None else None
         self.requests = list(getattr(dm, "requests", []) or [])
-        self.validate_lengths(self.requests)
+        self.requests = self.validate_lengths(self.requests)  # on_invalid="skip" drops what does not fit
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
             self.pre_records = self.scored_records([r for r in self.requests if r.writes])
 
-    def validate_lengths(self, requests: list[EditRequest]) -> None:
-        """The longest sequence a request produces must fit the model's context (checked before any edit)."""
+    def validate_lengths(self, requests: list) -> list:
+        """Every sequence a request is edited or scored with must fit the model's context (checked before any edit).
+
+        Structured requests: :func:`~lit_edit.data.check_structured_lengths` (the edit sequence with the longest
+        context template, and every sequence :func:`~lit_edit.metrics.record_scores` runs: paraphrase and
+        neighbourhood prompts with their targets); unstructured: :func:`~lit_edit.data.check_lengths`. A request
+        that does not fit follows the data module's ``on_invalid``: ``"raise"`` (also without a data module)
+        stops with an :class:`EditRequestError` naming its case id, field and both lengths; ``"skip"`` logs it and
+        drops it here *and* from the data module's stream (:meth:`~lit_edit.data.EditDataModule.drop_requests`),
+        so the batches and the checkpointed stream fingerprint are those of the filtered stream. Returns the
+        requests kept, in order.
+        """
         want = EditRequest if self.window_cfg is None else UnstructuredRequest
         bad = next((r for r in requests if not isinstance(r, want)), None)
         if bad is not None:
             hint = "set model.windows for unstructured data" if want is EditRequest else "use an unstructured reader"
             raise EditRequestError(bad.case_id, "prompt" if want is UnstructuredRequest else "question",
                                    f"a {type(bad).__name__} in a run configured for {want.__name__}s: {hint}")
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        on_invalid = getattr(dm, "on_invalid", "raise")
+        writes = [r for r in requests if r.writes]  # removals are neither edited nor scored
         if self.window_cfg is not None:
-            check_lengths([r for r in requests if r.writes], self.tok, self.llm, template=self.window_cfg.template,
-                          chat=self.window_cfg.chat)
-            return
-        limit = context_length(self.llm)
-        if not limit:
-            return
-        longest_ctx = max(self.context, key=len)
-        for r in requests:
-            if not r.writes:
-                continue
-            enc = encode_prompt(self.tok, fill_context(longest_ctx, r.prompt), r.subject, self.target_cfg.fact_token)
-            n = len(enc.ids) + len(target_ids(self.tok, r.target_new)) - 1
-            if n > limit:
-                raise EditRequestError(r.case_id, "prompt", f"prompt + target_new is {n} tokens with the longest context "
-                                       f"template; the model allows {limit}")
+            fits = check_lengths(writes, self.tok, self.llm, template=self.window_cfg.template,
+                                 chat=self.window_cfg.chat, on_invalid=on_invalid)
+        else:
+            limit = context_length(self.llm)
+            if not limit:
+                return requests
+            fits = check_structured_lengths(writes, self.tok, limit, context=max(self.context, key=len),
+                                            fact_token=self.target_cfg.fact_token, on_invalid=on_invalid)
+        if len(fits) == len(writes):
+            return requests
+        kept = {r.case_id for r in fits}  # case ids are unique in a stream (check_unique_case_ids)
+        dropped = [r.case_id for r in writes if r.case_id not in kept]
+        if dm is not None:
+            if not hasattr(dm, "drop_requests"):
+                raise RuntimeError(f"{type(dm).__name__} has on_invalid={on_invalid!r} but no drop_requests(): "
+                                   f"cannot drop the requests that do not fit the model ({dropped})")
+            dm.drop_requests(dropped)
+        return [r for r in requests if not r.writes or r.case_id in kept]
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:

@@ -218,3 +218,24 @@ def test_cli_refuses_bad_yaml_value(edit, expected, tmp_path, monkeypatch, capsy
     with pytest.raises((ValueError, SystemExit)) as err:
         cli_for(tmp_path / "bad.yaml")
     assert expected in str(err.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw,named", [
+    ({"layers": []}, "model.layers must be a non-empty list"),
+    ({"layers": [0, 0]}, "model.layers must not repeat"),
+    ({"layers": [-1, 1]}, "model.layers[0] must be an integer >= 0, got -1"),
+    ({"layers": [1.5]}, "model.layers[0] must be an integer"),
+    ({"dtype": "fp32"}, "model.dtype must be one of"),
+    ({"context_templates": [[10]]}, "model.context_templates[0] must be [length, count]"),
+    ({"context_templates": [[0, 5]]}, "model.context_templates[0][0] (length in tokens) must be an integer >= 1"),
+    ({"eval_every_n_steps": -1}, "model.eval_every_n_steps must be an integer >= 0, got -1"),
+    ({"sync_check_every_n_steps": True}, "model.sync_check_every_n_steps must be an integer"),
+    ({"context_seed": -3}, "model.context_seed must be an integer >= 0"),
+    ({"allow_changed": [""]}, "model.allow_changed[0] must be a non-empty string"),
+])
+def test_edit_module_refuses_bad_settings_at_construction(kw, named):
+    from lit_edit.module import EditModule
+
+    with pytest.raises(ValueError) as err:
+        EditModule(**kw)
+    assert named in str(err.value)
