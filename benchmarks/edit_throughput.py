@@ -15,7 +15,7 @@ import torch
 
 from lit_edit.data import read_requests
 from lit_edit.layouts import get_layout
-from lit_edit.module import generate_context_templates, load_model
+from lit_edit.models import generate_context_templates, load_model
 from lit_edit.targets import TargetConfig, compute_targets, compute_targets_reference
 
 

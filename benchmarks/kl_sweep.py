@@ -27,7 +27,7 @@ def run(config: str, omega: float, limit: int, out: Path, extra: list[str]) -> P
     save = out / f"omega_{omega:g}"
     if not list(save.glob("*/version_*/metrics.json")):
         cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--data.limit", str(limit),
-               "--model.metake.bilevel", "none", "--model.targets.kl_factor", str(omega),
+               "--model.method.init_args.bilevel", "none", "--model.method.init_args.base.kl_factor", str(omega),
                "--model.eval_every_n_steps", "0", "--trainer.callbacks", "[]",
                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(save), *extra]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

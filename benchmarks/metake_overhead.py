@@ -52,11 +52,23 @@ def run(config: str, extra: list[str], out: Path) -> dict:
     return json.loads(line[-1][6:])
 
 
-VARIANTS = {  # MetaKE variants timed against the same base run (ALGORITHMS.md §7.2's open choices)
+VARIANTS = {  # MetaKE variants timed against the same base run (docs/algorithms.md §7.2's open choices)
     "paper": [],  # the config as is: context-prefixed x_e, all T steps
-    "bare": ["--model.metake.edit_prompts", "bare"],  # x_e = the rewriting prompt alone
-    "tol": ["--model.metake.tol", "1e-3"],  # stop once an iteration lowers L_meta by < 0.1 %
+    "bare": ["--model.method.init_args.edit_prompts", "bare"],  # x_e = the rewriting prompt alone
+    "tol": ["--model.method.init_args.tol", "1e-3"],  # stop once an iteration lowers L_meta by < 0.1 %
 }
+
+
+def base_method(config: str) -> dict:
+    """The config's MetaKE base (v* with the same settings) as a method of its own: the run without MetaKE."""
+    from dataclasses import asdict
+
+    from lit_edit.cli import EditCLI
+    from lit_edit.data import EditDataModule
+    from lit_edit.module import EditModule
+
+    cli = EditCLI(EditModule, EditDataModule, run=False, args=["--config", config])  # parses; loads no weights
+    return {"class_path": "lit_edit.methods.VStar", "init_args": asdict(cli.model.method.base)}
 
 
 def main() -> None:
@@ -68,7 +80,7 @@ def main() -> None:
     a = p.parse_args()
     data = ["--data.limit", str(a.limit), "--data.batch_size", str(a.batch_size)]
     with tempfile.TemporaryDirectory() as tmp:
-        base = run(a.config, data + ["--model.metake", "null"], Path(tmp) / "base")
+        base = run(a.config, data + ["--model.method", json.dumps(base_method(a.config))], Path(tmp) / "base")
         metas = {v: run(a.config, data + VARIANTS[v], Path(tmp) / v) for v in a.variants}
     for name, r in (("base solver", base), *((f"MetaKE {v}", r) for v, r in metas.items())):
         m = r["metrics"]

@@ -484,7 +484,7 @@ def read_unke(
     path_or_id: str, split: str = "train", limit: int | None = None, *, on_invalid: str = "raise"
 ) -> list[UnstructuredRequest]:
     """Read UnKEBench records (``id``, ``question``, ``para_question``, ``answer``, ``sub_question``,
-    ``sub_answer``; ALGORITHMS.md §11). ``case_id`` is the record's ``id``.
+    ``sub_answer``; docs/algorithms.md §11). ``case_id`` is the record's ``id``.
 
     ``limit`` keeps the first N records in file order (MUKE instead shuffles with seed 2024 before
     truncating when it takes fewer records than the file has, §11).
@@ -591,7 +591,7 @@ def read_akew(
     n_sub: int | None = 5,
     require_verified: bool = False,
 ) -> list[UnstructuredRequest]:
-    """Read AKEW records as unstructured edits, in either format (ALGORITHMS.md §11).
+    """Read AKEW records as unstructured edits, in either format (docs/algorithms.md §11).
 
     * MQuAKE-CF (``requested_rewrite`` is a list): ``rewrites="first"`` uses only rewrite 0, as
       MUKE does; ``"all"`` gives one request per rewrite (case ids ``case_id``, ``f"{case_id}_1"``,
@@ -692,7 +692,7 @@ def check_length(request: UnstructuredRequest, tokenizer, max_length, *, templat
     ``max_length``: the context in tokens, or a model / config to read it from
     (:func:`~lit_edit.tokens.context_length`). A prompt of ``Q`` tokens followed by a target of
     ``T`` tokens needs ``Q + T - 1`` positions, both to edit (the last target token is never an
-    input, ALGORITHMS.md §8.1) and to generate ``T`` tokens for scoring. Checked: question +
+    input, docs/algorithms.md §8.1) and to generate ``T`` tokens for scoring. Checked: question +
     answer (field ``answer``, or ``question`` if the question alone is too long), every
     paraphrase + answer (``paraphrase_questions``) and every sub-question + its answer
     (``sub_questions``).

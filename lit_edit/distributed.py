@@ -1,4 +1,4 @@
-"""Editing across devices and nodes with Lightning's DDP launchers (DESIGN.md, "Distribution").
+"""Editing across devices and nodes with Lightning's DDP launchers (README, "Multi-GPU and multi-node").
 
 Every rank holds the whole frozen model and reads the whole edit stream, so every rank sees the
 same global batch of ``batch_size`` requests at every step. Each rank runs the inner optimisations

@@ -1,4 +1,4 @@
-"""Downstream write (ALGORITHMS.md §4–5): keys, current block-L states and the multi-layer update.
+"""Downstream write (docs/algorithms.md §4–5): keys, current block-L states and the multi-layer update.
 
 For a batch with targets Z at layer L and edited layers l_0 < … < l_{m−1} = L, for each l_i:
   K  = keys at l_i on the current model (earlier layers of this batch already written),
@@ -27,20 +27,32 @@ class EditStepError(RuntimeError):
     """A step that could not be applied; the model and solver state were restored."""
 
 
-def _forward_positions(model, tok, seqs, index, capture, chunk: int = 64, grad: bool = False):
-    """Run ``seqs`` in chunks; return {key: [len(seqs), dim]} of captured tensors at ``index`` per sequence.
-    ``grad=True`` keeps the graph (MetaKE's proxy-fidelity diagnostic differentiates through keys and states)."""
+def capture_at(model, seqs: list[list[int]], positions: list[list[int]], capture, pad: int, chunk: int = 64,
+               grad: bool = False, others: bool = False) -> tuple[dict, dict | None]:
+    """Run ``seqs`` (right padded, ``chunk`` at a time) with the forward hooks of ``capture()`` and gather each
+    captured tensor at ``positions[i]`` of sequence i, in order: {key: [Σ_i len(positions[i]), dim]} (float32, or
+    float64 for a float64 model). With ``others``, also every other real (non-padding) position, row-major.
+    ``grad=True`` keeps the graph (MetaKE's proxy-fidelity diagnostic differentiates through keys and states).
+    The one chunked capture forward: keys, states, window keys and window states all read through it."""
     dev = next(model.parameters()).device
-    out: dict = {}
+    at: dict = {}
+    rest: dict = {}
     for c in range(0, len(seqs), chunk):
-        ids, mask = pad_batch(seqs[c : c + chunk], pad_id(tok))
-        idx = torch.tensor(index[c : c + chunk])
+        ids, mask = pad_batch(seqs[c : c + chunk], pad)
+        pos = positions[c : c + chunk]
+        rows = torch.tensor([b for b, p in enumerate(pos) for _ in p])
+        cols = torch.tensor([j for p in pos for j in p])
         with capture() as store, torch.set_grad_enabled(grad):
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
         for k, v in store.items():
-            h = v[0][torch.arange(len(idx)), idx.to(v[0].device)]
-            out.setdefault(k, []).append(h if h.dtype == torch.float64 else h.float())
-    return {k: torch.cat(v) for k, v in out.items()}
+            x = v[0] if v[0].dtype == torch.float64 else v[0].float()
+            at.setdefault(k, []).append(x[rows.to(x.device), cols.to(x.device)])
+            if others:
+                keep = mask == 1
+                keep[rows, cols] = False
+                rest.setdefault(k, []).append(x[keep.to(x.device)])
+    return ({k: torch.cat(v) for k, v in at.items()},
+            {k: torch.cat(v) for k, v in rest.items()} if others else None)
 
 
 def compute_keys(model, tok, layout, layers: list[int], requests: list[EditRequest], context_templates: list[str],
@@ -53,7 +65,7 @@ def compute_keys(model, tok, layout, layers: list[int], requests: list[EditReque
             e = encode_prompt(tok, fill_context(ctx, r.prompt), r.subject, fact_token, legacy_bos_shift)
             seqs.append(e.ids), index.append(e.index)
     mods = {l: edited_module(model, layout, l) for l in layers}
-    got = _forward_positions(model, tok, seqs, index, lambda: capture_inputs(mods), grad=grad)
+    got, _ = capture_at(model, seqs, [[i] for i in index], lambda: capture_inputs(mods), pad_id(tok), grad=grad)
     n, c = len(requests), len(context_templates)
     keys = {}
     for l in layers:
@@ -68,8 +80,8 @@ def compute_block_states(model, tok, layout, layer: int, requests: list[EditRequ
     """H_L (n × d): block-``layer`` output at the fact token of the bare (context-free) prompts."""
     enc = [encode_prompt(tok, r.prompt, r.subject, fact_token, legacy_bos_shift) for r in requests]
     blocks = {layer: block_module(model, layout, layer)}
-    got = _forward_positions(model, tok, [e.ids for e in enc], [e.index for e in enc], lambda: capture_outputs(blocks),
-                             grad=grad)
+    got, _ = capture_at(model, [e.ids for e in enc], [[e.index] for e in enc], lambda: capture_outputs(blocks),
+                        pad_id(tok), grad=grad)
     return got[layer]
 
 
@@ -103,6 +115,7 @@ class FactColumns:
         self.fact_token, self.legacy = fact_token, legacy_bos_shift
         self.ids = [r.fact_id for r in requests]
         self.n_targets = len(requests)
+        self.rows = [[j] for j in range(len(requests))]  # one target row per request
 
     def keys(self, model, layout, layers: list[int]) -> dict[int, torch.Tensor]:
         return compute_keys(model, self.tok, layout, layers, self.requests, self.context, self.fact_token, self.legacy)
@@ -149,15 +162,15 @@ def plan_operations(solver, requests: list[EditRequest]) -> tuple[list[EditReque
     return writes, drops
 
 
-def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: torch.Tensor, columns) -> StepStats:
+def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: torch.Tensor, cols) -> StepStats:
     """Apply one step: first remove the earlier edits of dropped facts (Prop. 3.5), then write the targets
     Z (one row per target column of the writing requests, in order) into ``layers`` (§4 layer loop) and commit
     keys and stored values to the solver; the solver's ``finalize`` (PRUNE/RECT) decides what is finally
-    written. ``columns(writes)`` builds the column provider (:class:`FactColumns`, or windows for unstructured
-    edits). Atomic: on any error the edited matrices and the solver state are restored."""
+    written. ``cols``: the writing requests' columns (``lit_edit.methods.Columns``: :class:`FactColumns`, or
+    windows for unstructured edits), as the step built them. Atomic: on any error the edited matrices and the
+    solver state are restored."""
     layers = sorted(layers)
     writes, drops = plan_operations(solver, requests)
-    cols = columns(writes)
     if Z.shape[0] != cols.n_targets:
         raise ValueError(f"{Z.shape[0]} targets for {cols.n_targets} target columns of {len(writes)} inserted/replaced "
                          f"requests")

@@ -1,5 +1,5 @@
 """MetaKE: bi-level refinement of the targets V through the downstream solver's local response
-(MetaKE paper Algorithm 1, Eq. 5–9; ALGORITHMS.md §7).
+(MetaKE paper Algorithm 1, Eq. 5–9; docs/algorithms.md §7).
 
 With the keys K of the batch at the last edited layer L, the block-L states H (n×d) and the solver's
 gate M = solver.gate(L, K) (n×d_in, frozen for the batch), a virtual look-ahead writes
@@ -40,7 +40,7 @@ from lit_edit.targets import TargetConfig, build_target_batch, hidden_size, opt_
 class MetaKEConfig:
     """MetaKE options. Defaults are the paper's (T = 15, η = 5e-3, plain gradient descent, unit weights).
 
-    Choices the paper leaves open (ALGORITHMS.md §7.2 ⚠), as options: the edit prompts x_e are the
+    Choices the paper leaves open (docs/algorithms.md §7.2 ⚠), as options: the edit prompts x_e are the
     context-prefixed rewriting prompts of §2 with token-averaged NLL (``edit_prompts: context``) or the bare
     rewriting prompt alone (``bare``: a sixth of the rows per iteration with the world's 5 context templates);
     the locality KL is read at the fact token of ``loc_prompt`` (the MEMIT position); the T steps stop early
@@ -64,7 +64,7 @@ class MetaKEConfig:
     tol: float = 0.0  # stop once an iteration lowers L_meta by less than tol·|L_meta| (0: run all T steps)
 
     def __post_init__(self):
-        n = lambda field: f"model.metake.{field}"  # noqa: E731  (the setting as written in the YAML config)
+        n = lambda field: f"model.method.init_args.{field}"  # noqa: E731  (the setting as written in the YAML config)
         for name, allowed in (("bilevel", ("metake", "none")), ("optimizer", ("sgd", "adam")),
                               ("gate", ("structural", "key_only")), ("feedback", ("full", "stop_grad")),
                               ("kl_direction", ("ref_current", "current_ref")), ("edit_prompts", ("context", "bare"))):

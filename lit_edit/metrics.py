@@ -1,4 +1,4 @@
-"""Edit-quality metrics (ALGORITHMS.md §9), as torchmetrics so they sum across ranks.
+"""Edit-quality metrics (docs/algorithms.md §9), as torchmetrics so they sum across ranks.
 
 CounterFact (and the fact world): for each prompt, the mean per-token NLL of ``" " + target_new``
 and of ``" " + target_true`` (a geometric-mean probability, so multi-token targets of different
@@ -481,7 +481,7 @@ def embedding_scores(preds: list[str], refs: list[str], model_path: str | None, 
 
         metric = BERTScore(model_name_or_path=model_path, batch_size=batch_size, device=device, max_length=512,
                            truncation=True)
-        return [float(x) for x in metric(list(preds), list(refs))["f1"]]
+        return [float(x) for x in metric(list(preds), list(refs))["f1"].reshape(-1)]  # 0-d for a single pair
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -503,6 +503,25 @@ def embedding_scores(preds: list[str], refs: list[str], model_path: str | None, 
     return torch.nn.functional.cosine_similarity(embed(list(preds)), embed(list(refs)), dim=-1).tolist()
 
 
+def add_embedding_scores(per: list[dict], gens: list[dict], requests, model_path: str | None,
+                         mode: str = "bertscore") -> None:
+    """Add ``bertscore`` (answer to the question) and ``para.bertscore`` (mean over its paraphrases) to each
+    record's scores ``per``, with the local scoring model ``model_path``; nothing (a printed reason) without one."""
+    bert = embedding_scores([g["question"] for g in gens], [r.answer for r in requests], model_path, mode=mode)
+    if bert is None:
+        return
+    for row, value in zip(per, bert):
+        row["bertscore"] = value
+    paired = [(k, p) for k, g in enumerate(gens) for p in g["para"]]
+    if paired:
+        para = embedding_scores([p for _, p in paired], [requests[k].answer for k, _ in paired], model_path, mode=mode)
+        by_record: dict[int, list[float]] = {}
+        for (k, _), value in zip(paired, para):
+            by_record.setdefault(k, []).append(value)
+        for k, values in by_record.items():
+            per[k]["para.bertscore"] = _mean(values)
+
+
 def unstructured_scores(model, tok, requests, *, batch_size: int = 8, chat: bool = True,
                         template: str | None = None, max_new_tokens: int | None = None,
                         padding_side: str = "left", style: str | None = None, bleu_level: str | None = None,
@@ -522,18 +541,5 @@ def unstructured_scores(model, tok, requests, *, batch_size: int = 8, chat: bool
                             stop_at_eos=stop_at_eos)
     per = score_generations(requests, gens, style=style, bleu_level=bleu_level, rouge_stat=rouge_stat,
                             append_space=append_space)
-    bert = embedding_scores([g["question"] for g in gens], [r.answer for r in requests], bertscore_model,
-                            mode=bertscore_mode)
-    if bert is not None:
-        for row, value in zip(per, bert):
-            row["bertscore"] = value
-        paired = [(k, p) for k, g in enumerate(gens) for p in g["para"]]
-        if paired:
-            para = embedding_scores([p for _, p in paired], [requests[k].answer for k, _ in paired], bertscore_model,
-                                    mode=bertscore_mode)
-            by_record: dict[int, list[float]] = {}
-            for (k, _), value in zip(paired, para):
-                by_record.setdefault(k, []).append(value)
-            for k, values in by_record.items():
-                per[k]["para.bertscore"] = _mean(values)
+    add_embedding_scores(per, gens, requests, bertscore_model, bertscore_mode)
     return aggregate_scores(requests, per)

@@ -1,4 +1,4 @@
-"""Memory targets for unstructured edits: One-for-All, AnyEdit windows and μKE (Matryoshka) (ALGORITHMS.md §8;
+"""Memory targets for unstructured edits: One-for-All, AnyEdit windows and μKE (Matryoshka) (docs/algorithms.md §8;
 μKE paper Eq. 2, 4, 10–12).
 
 An unstructured request is a question X (already in the chat template) and a long answer Y of T tokens. Y is
@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import torch
 
 from lit_edit import checks
+from lit_edit.editing import capture_at
 from lit_edit.hooks import capture_inputs, capture_outputs, rewrite_output
 from lit_edit.layouts import block_module, edited_module
 from lit_edit.requests import MUKE_TEMPLATES
-from lit_edit.targets import adam_rows, hidden_size, label_logprobs, opt_dtype
+from lit_edit.targets import adam_rows, hidden_size, label_logprobs, opt_dtype, weight_decay_term
 from lit_edit.tokens import bos_ids, encode, pad_batch, pad_id
 
 METHODS = ("one_for_all", "anyedit", "muke")
@@ -109,12 +110,6 @@ class WindowedSequence:
     def input_ids(self) -> list[int]:
         """question ⧺ target minus its last token (length Q + T − 1): the teacher-forced model input."""
         return list(self.question_ids) + list(self.target_ids[:-1])
-
-    @property
-    def full_ids(self) -> list[int]:
-        """question ⧺ target (length Q + T). Keys are read from :attr:`input_ids` instead: the last answer token is
-        never a memory position, and Q + T − 1 tokens is what the context check allows."""
-        return list(self.question_ids) + list(self.target_ids)
 
     @property
     def positions(self) -> list[int]:
@@ -235,13 +230,13 @@ class WindowConfig:
     # character-level BLEU and rouge-package ROUGE-L recall (lit_edit.metrics.text_scores), to compare published numbers
 
     def __post_init__(self):
-        n = lambda field: f"model.windows.{field}"  # noqa: E731  (the setting as written in the YAML config)
+        n = lambda field: f"model.method.init_args.{field}"  # noqa: E731  (the setting as written in the YAML config)
         for name, allowed in (("method", METHODS), ("coefficients", COEFFICIENTS), ("affinity_pairing", PAIRINGS),
                               ("on_mismatch", ON_MISMATCH), ("template", (None, *MUKE_TEMPLATES)),
                               ("metric_style", (None, "torchmetrics", "reference"))):
             checks.choice(n(name), getattr(self, name), allowed)
         checks.integer(n("window_size"), self.window_size, ge=1)  # tokens per window
-        # as model.targets: 1 evaluates without a step (z = h_init), 0 would never run
+        # as for v*: 1 evaluates without a step (z = h_init), 0 would never run
         checks.integer(n("v_num_grad_steps"), self.v_num_grad_steps, ge=1)
         checks.number(n("v_lr"), self.v_lr, gt=0)
         checks.number(n("clamp_norm_factor"), self.clamp_norm_factor, gt=0)  # ‖δ‖ <= factor·‖h_init‖: 0 pins δ = 0
@@ -338,11 +333,6 @@ def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return out / norm
 
 
-def _wd(cfg: WindowConfig, delta: torch.Tensor, h_init: torch.Tensor) -> torch.Tensor:
-    # §2.6 / §8.2: v_weight_decay · ‖δ‖ / ‖h_init‖² (unsquared ‖δ‖, §12.3)
-    return cfg.v_weight_decay * delta.norm(dim=-1) / h_init.norm(dim=-1).pow(2).clamp(min=1e-12)
-
-
 def _optimise_rows(model, block, rows: _Rows, cfg: WindowConfig, d: int):
     """The §2 loop without KL for one window step: per-row Adam, clamp, early stop, last iteration no step."""
     B, dev, dt = rows.ids.shape[0], rows.ids.device, rows.norm.dtype
@@ -361,7 +351,7 @@ def _optimise_rows(model, block, rows: _Rows, cfg: WindowConfig, d: int):
         if record is not None:
             h_init[sel] = record["h"]
         nll = weighted_nll(logits, rows.labels[sel], rows.weights[sel], rows.norm[sel], dt)
-        total = nll + _wd(cfg, delta[sel], h_init[sel])
+        total = nll + weight_decay_term(delta[sel], h_init[sel], cfg.v_weight_decay)
         loss[sel], nll_out[sel] = total.detach(), nll.detach()
         if it < last:
             total.sum().backward()
@@ -401,7 +391,7 @@ def compute_affinities(model, layout, layer: int, requests: list[WindowedSequenc
             logits = _forward(model, block, rows, sel, delta, record)
             if record is not None:
                 h_init = record["h"]
-            wd = _wd(cfg, delta, h_init)
+            wd = weight_decay_term(delta, h_init, cfg.v_weight_decay)
             grads = []
             for k in range(int(n_fig.max())):  # figure F_{w,w+k}: tokens of windows w … w+k, uniform weights
                 in_fig = (rows.window >= 0) & (rows.window <= w + k)
@@ -478,14 +468,6 @@ def optimise_windows(model, layout, layer: int, requests: list[WindowedSequence]
     return out
 
 
-def compute_window_targets(model, tok, layout, layer: int, questions: list[str], answers: list[str],
-                           cfg: WindowConfig) -> tuple[list[WindowedSequence], list[WindowTargets]]:
-    """Tokenise (:func:`tokenize_unstructured`, W = ``cfg.window_size``, one window for one_for_all) and optimise."""
-    W = None if cfg.method == "one_for_all" else cfg.window_size
-    reqs = [tokenize_unstructured(tok, q, a, W, cfg.on_mismatch) for q, a in zip(questions, answers, strict=True)]
-    return reqs, optimise_windows(model, layout, layer, reqs, cfg, pad=pad_id(tok))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # keys and states for the batch update (§8.5)
 
@@ -497,25 +479,12 @@ class WindowKeys:
 
 
 def _gather(model, requests, capture, pad: int, chunk: int, preservation: bool):
-    """Run the question ⧺ target sequences (right padded, in chunks) and gather the captured tensor at every
-    memory position (request-then-window) and, optionally, at all other real positions."""
-    dev = next(model.parameters()).device
-    mem, rest = [], []
-    for c in range(0, len(requests), chunk):
-        part = requests[c: c + chunk]
-        ids, mask = pad_batch([r.input_ids for r in part], pad)  # Q + T − 1 tokens: what fits the context
-        with capture() as store, torch.no_grad():
-            model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
-        (x,) = store.values()
-        x = x[0]
-        x = x if x.dtype == torch.float64 else x.float()
-        is_mem = torch.zeros(ids.shape, dtype=torch.bool)
-        for b, r in enumerate(part):
-            is_mem[b, r.positions] = True
-            mem.append(x[b, torch.tensor(r.positions, device=x.device)])
-        if preservation:
-            rest.append(x[((mask == 1) & ~is_mem).to(x.device)])
-    return torch.cat(mem), (torch.cat(rest) if preservation else None)
+    """The captured tensor at every memory position (request-then-window) of the question ⧺ target sequences (Q + T −
+    1 tokens: what fits the context) and, with ``preservation``, at all their other real positions."""
+    at, rest = capture_at(model, [r.input_ids for r in requests], [list(r.positions) for r in requests], capture, pad,
+                          chunk, others=preservation)
+    (key,) = at
+    return at[key], (rest[key] if preservation else None)
 
 
 def compute_window_keys(model, layout, layer: int, requests: list[WindowedSequence], preservation: bool = False,
@@ -547,6 +516,8 @@ class WindowColumns:
         self.seqs, self.preservation, self.pad = seqs, preservation, pad
         self.n_targets = sum(s.N for s in seqs)
         self.ids = [f for s, f in zip(seqs, fact_ids, strict=True) for _ in range(s.N)]
+        starts = [sum(s.N for s in seqs[:j]) for j in range(len(seqs))]
+        self.rows = [list(range(b, b + s.N)) for b, s in zip(starts, seqs)]  # the target rows of each request
         if preservation:
             self.ids += [f for s, f in zip(seqs, fact_ids) for _ in range(len(s.input_ids) - s.N)]
 

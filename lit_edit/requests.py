@@ -85,7 +85,7 @@ class EditRequest(_Operation):
             raise EditRequestError(cid, "target_new", f"equals target_true ({self.target_true!r}): nothing to edit")
         prefix = self.prompt.split("{}")[0]
         if prefix and not prefix.endswith(" "):
-            # The fact-token rule (ALGORITHMS.md §1.3) needs the subject to start a new word.
+            # The fact-token rule (docs/algorithms.md §1.3) needs the subject to start a new word.
             raise EditRequestError(cid, "prompt", f"text before '{{}}' must end with a space, got {prefix!r}")
         if self.neighborhood_targets is not None and len(self.neighborhood_targets) != len(self.neighborhood_prompts):
             raise EditRequestError(cid, "neighborhood_targets", "must have one target per neighbourhood prompt")
@@ -111,7 +111,7 @@ class UnstructuredRequest(_Operation):
     end-of-turn string. Wrapping is a model-side step (:func:`chat_prompt`, :func:`edit_answer`),
     so one stream of requests serves base and instruct models alike.
 
-    Evaluation fields (ALGORITHMS.md §9, §11):
+    Evaluation fields (docs/algorithms.md §9, §11):
 
     * ``paraphrase_questions``: rephrasings of the question whose answers are scored against
       ``answer`` like the question's (UnKE ``para_question``, AKEW-CounterFact
@@ -186,7 +186,7 @@ class UnstructuredRequest(_Operation):
 # Chat templates
 # --------------------------------------------------------------------------------------------
 
-# MUKE's fixed prompt strings (ALGORITHMS.md §11) for reproducing its inputs exactly. The leading
+# MUKE's fixed prompt strings (docs/algorithms.md §11) for reproducing its inputs exactly. The leading
 # BOS of the Llama-3 string is left out: lit_edit adds a tokenizer's BOS once, up front, when it
 # encodes (tokens.bos_ids); MUKE's inputs carry it twice (§12.1).
 MUKE_TEMPLATES: dict[str, tuple[str, str]] = {  # name -> (prompt with "{q}", end-of-turn string)
@@ -230,7 +230,7 @@ def chat_prompt(question: str, tokenizer=None, *, template: str | None = None, s
 
     ``strip_bos`` drops a leading BOS string the template writes itself: lit_edit encodes with
     ``add_special_tokens=False`` and puts the tokenizer's BOS in front once, so keeping it would
-    give the doubled BOS of the reference inputs (ALGORITHMS.md §11 ⚠, §12.1).
+    give the doubled BOS of the reference inputs (docs/algorithms.md §11 ⚠, §12.1).
     """
     if template is not None:
         if template not in MUKE_TEMPLATES:
@@ -248,7 +248,7 @@ def chat_prompt(question: str, tokenizer=None, *, template: str | None = None, s
 
 
 def end_of_turn(tokenizer=None, *, template: str | None = None) -> str | None:
-    """The string that closes an assistant turn, appended to edit targets (ALGORITHMS.md §8, §11).
+    """The string that closes an assistant turn, appended to edit targets (docs/algorithms.md §8, §11).
 
     MUKE appends ``<|eot_id|>`` (Llama-3-Instruct) or ``<|im_end|>`` (Qwen2.5-Instruct) to the
     answer, so that the edited model also learns to *stop* after it. Here it is read off the

@@ -205,6 +205,15 @@ class RunLock:
             self._f = None
 
 
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of writes that a killed process never finished (call it holding the lock)."""
+    d = Path(run_dir)
+    stale = [p for folder in (d, d / CHECKPOINTS) if folder.is_dir() for p in folder.glob(".*.tmp-*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def run_outputs(run_dir: str | os.PathLike) -> list[str]:
     """The files of an editing run already in ``run_dir`` (what makes it "not empty" for a new fit)."""
     d = Path(run_dir)

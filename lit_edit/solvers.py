@@ -1,7 +1,7 @@
 """Downstream closed-form solvers: given keys K (d_in×n) and residuals R (d_out×n) of one layer,
 return the update Δ (d_out×d_in, math layout) and keep the accumulated constraints of past edits.
 
-One objective, OTE–SE Prop. 3.2 (ALGORITHMS.md §6). Work in coordinates x = Pᵀk, where P is the
+One objective, OTE–SE Prop. 3.2 (docs/algorithms.md §6). Work in coordinates x = Pᵀk, where P is the
 identity or an orthonormal basis U0 (d_in×r) of the null space of C0 (AlphaEdit, §5), so that
 Δ = G Pᵀ. After t steps with keys K_τ and per-layer targets V_τ the one-time solution is
 
@@ -26,7 +26,7 @@ a difference of numbers close to 1 when the removed keys dominate A in some dire
 as many digits as that direction's conditioning (measured: 1e-5 relative on the unit test's system).
 
 Every solver is affine in R: Δ = R·M + c, with the gate M = gate(layer, K) (n×d_in) carrying all of
-the R-dependence (ALGORITHMS.md §7.6). MetaKE differentiates through that map; diagnostics read it.
+the R-dependence (docs/algorithms.md §7.6). MetaKE differentiates through that map; diagnostics read it.
 """
 from __future__ import annotations
 
@@ -41,14 +41,6 @@ REGULARIZERS = (None, "prune", "rect")
 # ----------------------------------------------------------------------------------------------
 # Pure algebra
 # ----------------------------------------------------------------------------------------------
-
-
-def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Solve A X = B for symmetric positive-definite A (Cholesky; LU fallback if A is not numerically PD)."""
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        return torch.cholesky_solve(B, L)
-    return torch.linalg.solve(A, B)
 
 
 def spd_inverse(A: torch.Tensor, what: str) -> torch.Tensor:

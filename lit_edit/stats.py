@@ -1,4 +1,4 @@
-"""Second moment C0 = E[k kᵀ] of each edited layer's keys over a text corpus (ALGORITHMS.md §3).
+"""Second moment C0 = E[k kᵀ] of each edited layer's keys over a text corpus (docs/algorithms.md §3).
 
 Texts are streamed (never loaded whole), truncated to ``max_length`` tokens, packed into forward
 passes of at most ``batch_tokens`` tokens; every non-padding token contributes one key; the sum is
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -26,9 +26,13 @@ from lit_edit.tokens import context_length, pad_batch, pad_id
 STAT_DTYPES = ("float32", "float64", "bfloat16", "float16")  # the cached statistic's; torch dtype names
 
 
+DEFAULT_DATASET = "world"  # the corpus of a model that is not the fact world, when model.stats.dataset is unset
+
+
 @dataclass
 class StatsConfig:
-    dataset: str = "world"  # "world[:preset]" (the fact world's own text), a local .txt/.json(l) file, or a hub id
+    # "world[:preset]" (the fact world's own text), a local .txt/.json(l) file, or a hub id; None: see for_model
+    dataset: str | None = None
     config_name: str | None = None  # hub config, e.g. "20231101.en" for "wikimedia/wikipedia"
     split: str = "train"
     text_field: str = "text"
@@ -40,7 +44,7 @@ class StatsConfig:
 
     def __post_init__(self):
         n = lambda field: f"model.stats.{field}"  # noqa: E731  (the setting as written in the YAML config)
-        checks.text(n("dataset"), self.dataset)
+        checks.text(n("dataset"), self.dataset, optional=True)
         checks.text(n("config_name"), self.config_name, optional=True)
         checks.text(n("split"), self.split)
         checks.text(n("text_field"), self.text_field)
@@ -50,6 +54,17 @@ class StatsConfig:
         checks.choice(n("dtype"), self.dtype, STAT_DTYPES)
         if self.shuffle_seed is not None:  # null: the corpus order (numpy seeds are >= 0)
             checks.integer(n("shuffle_seed"), self.shuffle_seed, ge=0)
+
+    def for_model(self, model: str) -> StatsConfig:
+        """This config with ``dataset`` resolved for the edited ``model`` (``model.model``): unset (None) means the
+        model's own corpus when the model is the built-in fact world (``world`` / ``world:<preset>``), else the
+        default corpus, ``"world"``. A dataset that is set is kept. ``EditModule`` calls this once, when built, so
+        its hyper-parameters, checkpoints and the C0 cache key all hold the resolved name."""
+        from lit_edit.data import is_world_spec
+
+        if self.dataset is not None:
+            return self
+        return replace(self, dataset=model if is_world_spec(model) else DEFAULT_DATASET)
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -146,6 +161,8 @@ def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_i
                 cache_dir: str | None = None) -> dict[int, torch.Tensor]:
     """C0 per layer (float64 on the model's device), from the disk cache when present. The cache key
     covers the model id, the corpus config and a fingerprint of the weights (:func:`weights_fingerprint`)."""
+    if cfg.dataset is None:
+        raise ValueError("model.stats.dataset is unresolved: pass StatsConfig.for_model(<model.model>)")
     ident = {"model": model_id, "weights": weights_fingerprint(model), **asdict(cfg)}
     key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)[-80:]

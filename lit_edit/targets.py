@@ -1,4 +1,4 @@
-"""Target values v* at the last edited layer L (ALGORITHMS.md §2), batched over all requests.
+"""Target values v* at the last edited layer L (docs/algorithms.md §2), batched over all requests.
 
 For every request a free vector δ is added to block L's output at the fact token of each of its
 prompts (context-prefixed rewriting prompts + one KL prompt). Per request the loss is
@@ -49,7 +49,7 @@ class TargetConfig:
     chunk_size: int = 0  # requests per forward pass (0 = all); results do not depend on it
 
     def __post_init__(self):
-        n = lambda field: f"model.targets.{field}"  # noqa: E731  (the setting as written in the YAML config)
+        n = lambda field: f"model.method.init_args.{field}"  # noqa: E731  (the setting as written in the YAML config)
         # the loop evaluates the loss v_num_grad_steps times and steps after all but the last (1: no step, v* = h_init);
         # 0 would never run and leave v* = 0
         checks.integer(n("v_num_grad_steps"), self.v_num_grad_steps, ge=1)
@@ -117,6 +117,11 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, dtype: torch.dtyp
     scored = labels >= 0
     logp = torch.log_softmax(logits[scored].to(dtype), dim=-1).gather(1, labels[scored][:, None])[:, 0]
     return logp, scored.nonzero()[:, 0]
+
+
+def weight_decay_term(delta: torch.Tensor, h_init: torch.Tensor, weight: float) -> torch.Tensor:
+    """§2.6: ``weight · ‖δ‖ / ‖h_init‖²`` per row, with the unsquared ‖δ‖ of the reference code (§12.3)."""
+    return weight * delta.norm(dim=-1) / h_init.norm(dim=-1).pow(2).clamp(min=1e-12)
 
 
 @torch.no_grad()
@@ -219,7 +224,7 @@ def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetC
                     kl_ref = torch.zeros(n, k.shape[1], device=dev, dtype=dt)
                 kl_ref[k_idx.to(dev)] = k
                 kl = torch.zeros_like(kl)  # δ = 0 on the first pass, so KL is exactly zero
-            wd = cfg.v_weight_decay * delta.norm(dim=-1) / h_init.norm(dim=-1).pow(2).clamp(min=1e-12)
+            wd = weight_decay_term(delta, h_init, cfg.v_weight_decay)
             total = nll + cfg.kl_factor * kl + wd
             sel = reqs.to(dev)
             loss[sel] = total[sel].detach()
@@ -264,7 +269,7 @@ def compute_targets_reference(model, tok, layout, layer, requests, context_templ
                 nll, kl = request_losses(model, block, b, rows, delta, kl_ref, cfg, None)
             else:
                 kl = torch.zeros_like(nll)
-            loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h_init.norm() ** 2
+            loss = nll + cfg.kl_factor * kl + weight_decay_term(delta, h_init, cfg.v_weight_decay).sum()  # one row
             if loss.item() < cfg.early_stop_loss or it == cfg.v_num_grad_steps - 1:
                 break
             opt.zero_grad()

@@ -2,7 +2,7 @@
 
 The reference repos tokenise prefix / subject / suffix separately to *compute* the subject's
 token index, then tokenise the joined string to *run* the model, and hope both agree
-(ALGORITHMS.md §1.3, §1.5; they do not for Llama-3's BOS). Here the model input is built by
+(docs/algorithms.md §1.3, §1.5; they do not for Llama-3's BOS). Here the model input is built by
 concatenating the separately tokenised pieces, so every index is exact by construction, for any
 tokenizer and any padding side; the BOS (if the tokenizer adds one) is added once, up front.
 """

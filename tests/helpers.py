@@ -23,6 +23,20 @@ def tiny_gpt2(tok, n_layer=4, n_embd=64, dtype=torch.float64, seed=0):
     return GPT2LMHeadModel(cfg).eval().requires_grad_(False).to(dtype)
 
 
+def tiny_bert(path: Path) -> Path:
+    """A randomly initialised 2-layer BERT and a word-level tokenizer saved to ``path`` (a local scoring model)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = "the cat sat on a mat dog ran in park today".split()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
 def tiny_requests():
     return [EditRequest(1, "{} lives in the city of", "Anna Berk", "London", "Paris"),
             EditRequest(2, "{} works as a", "Tom Lund", "pilot of ships", "baker"),

@@ -69,9 +69,11 @@ def metrics(run: Path) -> dict:
 
 METHODS = {
     "alphaedit": [],
-    "metake": ["--model.metake", '{"T": 4, "eta": 0.05}'],
+    "metake": ["--model.method", json.dumps({"class_path": "lit_edit.methods.MetaKE", "init_args": {
+        "T": 4, "eta": 0.05, "base": {"v_num_grad_steps": 15, "clamp_norm_factor": 4.0, "fact_token": "subject_first"}}})],
     # unstructured: the world's biographies, μKE windows of 2 tokens (one column per window of every request)
-    "muke": ["--model.windows", '{"method": "muke", "window_size": 2, "coefficients": "matryoshka", "v_num_grad_steps": 10}',
+    "muke": ["--model.method", json.dumps({"class_path": "lit_edit.methods.Windows", "init_args": {
+        "method": "muke", "window_size": 2, "coefficients": "matryoshka", "v_num_grad_steps": 10}}),
              "--data.dataset", "world_long", "--model.layers", "[0, 1, 2]", "--model.eval_every_n_steps", "0"],
 }
 

@@ -280,7 +280,7 @@ def test_unstructured_skip_follows_the_data_module(tiny_world, tmp_path, caplog)
     """The unstructured length check (check_lengths) honours on_invalid="skip" too."""
     from lit_edit.data import read_requests
     from lit_edit.module import EditModule
-    from lit_edit.muke import WindowConfig
+    from lit_edit.methods import Windows
     from lit_edit.solvers import MEMIT
     from lit_edit.stats import StatsConfig
     from tests.test_module import make_trainer
@@ -291,7 +291,7 @@ def test_unstructured_skip_follows_the_data_module(tiny_world, tmp_path, caplog)
     path = tmp_path / "long.json"
     path.write_text(json.dumps(records), encoding="utf-8")
     module = EditModule(model="world:tiny", layers=[0, 1], solver=MEMIT(mom2_update_weight=100.0),
-                        windows=WindowConfig(method="muke", window_size=1), eval_pre=False,
+                        method=Windows(method="muke", window_size=1), eval_pre=False,
                         stats=StatsConfig(dataset="world:tiny", max_length=64), context_templates=[])
     dm = EditDataModule(dataset="world_long", path=str(path), batch_size=1, on_invalid="skip")
     with caplog.at_level(logging.WARNING, logger="lit_edit.data"):
@@ -326,7 +326,7 @@ def test_an_existing_directory_is_always_a_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["/nonexistent/lit_edit_model", "./absent_model", "models/gpt2/", "~/lit_edit_absent"])
 def test_missing_model_directory_is_named(tmp_path, monkeypatch, name):
-    from lit_edit.module import load_model
+    from lit_edit.models import load_model
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"model directory {name} does not exist \(model\.model\)"):
@@ -342,7 +342,7 @@ def _save_tiny(path: Path) -> Path:
 
 def test_a_local_dir_named_world_something_is_a_path(tmp_path, monkeypatch):
     """Only is_world_spec ("world", "world:<preset>") means the built-in world."""
-    from lit_edit.module import load_model
+    from lit_edit.models import load_model
 
     _save_tiny(tmp_path / "world_models" / "gpt2")
     monkeypatch.chdir(tmp_path)
@@ -353,7 +353,8 @@ def test_a_local_dir_named_world_something_is_a_path(tmp_path, monkeypatch):
 def test_trust_remote_code_is_passed_to_both_loaders(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lit_edit.module import EditModule, load_model
+    from lit_edit.models import load_model
+    from lit_edit.module import EditModule
 
     path = _save_tiny(tmp_path / "m")
     seen = []
@@ -386,7 +387,7 @@ def test_trust_remote_code_is_passed_to_both_loaders(tmp_path, monkeypatch):
 def test_custom_code_model_is_refused_without_a_prompt(tmp_path, monkeypatch):
     """A model directory whose config asks for custom code: refused with transformers' explanation, and never an
     interactive "Do you wish to run the custom code? [y/N]" (a prompt here would answer yes)."""
-    from lit_edit.module import load_model
+    from lit_edit.models import load_model
 
     path = _save_tiny(tmp_path / "custom")
     config = json.loads((path / "config.json").read_text())

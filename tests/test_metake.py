@@ -1,4 +1,4 @@
-"""MetaKE (ALGORITHMS.md §7) on the tiny fact world: the proxy hypergradient through the frozen gate equals the
+"""MetaKE (docs/algorithms.md §7) on the tiny fact world: the proxy hypergradient through the frozen gate equals the
 true hypergradient through the actual solve; ablations do what Table 2 says; diagnostics match their formulas."""
 import json
 from pathlib import Path
@@ -11,17 +11,18 @@ from lit_edit.data import EditDataModule
 from lit_edit.editing import compute_keys
 from lit_edit.layouts import edited_module, get_weight
 from lit_edit.metake import MetaKEConfig, MetaObjective, key_only_gate, realisation, refine_targets
+from lit_edit.methods import MetaKE, VStar
 from lit_edit.module import EditModule
 from lit_edit.solvers import MEMIT, AlignedSolver, AlphaEdit
 from lit_edit.stats import StatsConfig
 from lit_edit.targets import TargetConfig, compute_targets
 
 LAYER = 1
-TCFG = TargetConfig(v_num_grad_steps=8, clamp_norm_factor=4.0, fact_token="subject_first")
+TCFG = VStar(v_num_grad_steps=8, clamp_norm_factor=4.0, fact_token="subject_first")
 
 
 def setup_module_for(solver, dtype="float64", layers=(LAYER,)):
-    module = EditModule(model="world:tiny", layers=list(layers), solver=solver, targets=TCFG,
+    module = EditModule(model="world:tiny", layers=list(layers), solver=solver, method=TCFG,
                         stats=StatsConfig(dataset="world:tiny", max_length=64), context_templates=[[10, 2]],
                         dtype=dtype, eval_pre=False)
     module.configure_model()
@@ -146,7 +147,7 @@ def test_key_only_gate_and_realisation_formulas():
 
 def test_metake_in_the_fit_loop_logs_its_diagnostics(tiny_world, tmp_path):
     module = EditModule(model="world:tiny", layers=[0, 1], solver=AlphaEdit(L2=10.0, nullspace_threshold=2e-2),
-                        targets=TCFG, metake=MetaKEConfig(T=3), stats=StatsConfig(dataset="world:tiny", max_length=64),
+                        method=MetaKE(T=3, base=TCFG), stats=StatsConfig(dataset="world:tiny", max_length=64),
                         context_templates=[[10, 2]])
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, default_root_dir=tmp_path,
                         logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb"), enable_checkpointing=False,

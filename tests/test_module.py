@@ -11,6 +11,7 @@ from lit_edit.editing import EditStepError, FactColumns, apply_batch, compute_bl
 from lit_edit.layouts import get_weight
 from lit_edit.module import EditModule
 from lit_edit.requests import EditRequestError
+from lit_edit.methods import VStar
 from lit_edit.solvers import MEMIT, AlignedSolver, AlphaEdit
 from lit_edit.stats import StatsConfig
 from lit_edit.targets import TargetConfig
@@ -20,7 +21,7 @@ LAYERS = [0, 1]
 
 def make_module(solver=None, **kw):
     return EditModule(model="world:tiny", layers=LAYERS, solver=solver or MEMIT(mom2_update_weight=1000.0),
-                      targets=TargetConfig(v_num_grad_steps=25, clamp_norm_factor=4.0, fact_token="subject_first"),
+                      method=VStar(v_num_grad_steps=25, clamp_norm_factor=4.0, fact_token="subject_first"),
                       stats=StatsConfig(dataset="world:tiny", max_length=64),
                       context_templates=[[10, 2]], **kw)
 
@@ -134,8 +135,7 @@ def test_gate_equals_the_update_written_into_the_model(tiny_world, solver):
     R = torch.randn(H.shape[1], len(reqs), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     M = module.solver.gate(2, K)
     before = get_weight(m, lay, 2).double().clone()
-    apply_batch(m, lay, module.solver, [2], reqs, H.double() + R.T,
-                lambda w: FactColumns(tok, w, module.context, "subject_first"))
+    apply_batch(m, lay, module.solver, [2], reqs, H.double() + R.T, FactColumns(tok, reqs, module.context, "subject_first"))
     torch.testing.assert_close(get_weight(m, lay, 2).double() - before, R @ M, rtol=1e-4, atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""μKE / AnyEdit / One-for-All window targets (ALGORITHMS.md §8; μKE paper Eq. 2, 4, 10–12).
+"""μKE / AnyEdit / One-for-All window targets (docs/algorithms.md §8; μKE paper Eq. 2, 4, 10–12).
 
 Exactness checks run a tiny random float64 GPT-2 and compare the batched implementation with independent,
 deliberately plain single-request loops written here (torch.optim.Adam, explicit Python sums over tokens).
@@ -11,7 +11,7 @@ import torch
 from lit_edit.hooks import rewrite_output
 from lit_edit.layouts import block_module, edited_module, get_layout
 from lit_edit.muke import (WindowedSequence, WindowConfig, affinity_lambdas, compute_affinities,
-                           compute_window_keys, compute_window_states, compute_window_targets,
+                           compute_window_keys, compute_window_states,
                            matryoshka_token_weights, memory_positions, optimise_windows, split_windows,
                            tokenize_unstructured)
 from tests.helpers import tiny_gpt2, tiny_tokenizer
@@ -68,7 +68,7 @@ def test_tokenize_unstructured(setup):
     assert r.question_ids[0] == tok.bos_token_id and r.question_ids[1:] == tuple(tok(q, add_special_tokens=False)["input_ids"])
     assert r.target_ids == tuple(tok(a)["input_ids"][1:])  # the answer's leading BOS dropped
     assert r.input_ids == list(r.question_ids) + list(r.target_ids[:-1])
-    assert r.full_ids == tok(q + a)["input_ids"]
+    assert list(r.question_ids) + list(r.target_ids) == tok(q + a)["input_ids"]
     assert r.windows == tuple(split_windows(r.T, 4)) and r.positions == [r.Q - 1 + s for s, _ in r.windows]
     assert r.input_ids[r.Q - 1] == r.question_ids[-1]  # the first memory is the last question token
     for p, (s, _) in zip(r.positions[1:], r.windows[1:]):
@@ -76,7 +76,7 @@ def test_tokenize_unstructured(setup):
     assert tokenize_unstructured(tok, q, a).windows == ((0, r.T),)  # window_size None: One-for-All
     # this tokenizer prefixes a space to every text, so "Paris." alone is not how "…inParis." tokenises jointly
     bad = tokenize_unstructured(tok, q, "Paris.", window_size=4)
-    assert not bad.joint_matches and bad.full_ids == list(bad.question_ids) + list(bad.target_ids)
+    assert not bad.joint_matches
     with pytest.raises(ValueError, match=f"jointly differs .* at token {r.Q} "):  # the first answer token
         tokenize_unstructured(tok, q, "Paris.", window_size=4, on_mismatch="error")
     with pytest.raises(ValueError, match="no tokens"):
@@ -287,7 +287,8 @@ def test_h_init_is_block_output_at_memory_position(setup):
     reqs = make_requests(tok)
     got = optimise_windows(model, layout, LAYER, reqs, WindowConfig(method="anyedit", window_size=W, v_num_grad_steps=1))
     for r, t in zip(reqs, got):
-        hs = model(input_ids=torch.tensor([r.full_ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+        full = list(r.question_ids) + list(r.target_ids)
+        hs = model(input_ids=torch.tensor([full]), output_hidden_states=True).hidden_states[LAYER + 1][0]
         torch.testing.assert_close(t.h_init, hs[r.positions])
         assert (t.delta == 0).all()  # one iteration never steps
 
@@ -343,15 +344,27 @@ def test_config_and_input_errors(setup):
         optimise_windows(model, layout, LAYER, make_requests(tok), WindowConfig(), affinities=[[[1.0]]] * 3)
 
 
-def test_compute_window_targets_tokenises_and_optimises(setup):
+def test_the_windows_method_tokenises_and_optimises(setup):
+    """lit_edit.methods.Windows: its columns window each answer (one window for One-for-All) and its targets have
+    one row per window, at the memory positions."""
+    from lit_edit.methods import Env, Windows
+    from lit_edit.requests import UnstructuredRequest
+
     tok, model, layout = setup
-    qs, ans = ["Anna Berk lives in", "Tom Lund"], [" the city of Paris.", " works as a baker. Mira Voss speaks French."]
-    cfg = WindowConfig(window_size=4, v_num_grad_steps=2, coefficients="matryoshka")
-    reqs, got = compute_window_targets(model, tok, layout, LAYER, qs, ans, cfg)
-    assert [r.windows for r in reqs] == [tuple(split_windows(r.T, 4)) for r in reqs]
-    assert [t.z.shape[0] for t in got] == [r.N for r in reqs]
-    reqs, got = compute_window_targets(model, tok, layout, LAYER, qs, ans, WindowConfig(method="one_for_all", v_num_grad_steps=2))
-    assert [len(r.windows) for r in reqs] == [1, 1] and [t.positions for t in got] == [[r.Q - 1] for r in reqs]
+    writes = [UnstructuredRequest(1, "Anna Berk lives in", "the city of Paris."),
+              UnstructuredRequest(2, "Tom Lund", "works as a baker. Mira Voss speaks French.")]
+    for method, windows in ((Windows(window_size=4, v_num_grad_steps=2, coefficients="matryoshka", chat=False), 4),
+                            (Windows(method="one_for_all", v_num_grad_steps=2, chat=False), None)):
+        method.bind(Env(model, tok, layout, [LAYER], ["{}"], None))
+        cols = method.columns(writes)
+        reqs = cols.seqs
+        if windows:
+            assert [r.windows for r in reqs] == [tuple(split_windows(r.T, windows)) for r in reqs]
+        else:
+            assert [len(r.windows) for r in reqs] == [1, 1]
+        got = method.optimise(cols, [0, 1])
+        assert got.v_star.shape[0] == sum(r.N for r in reqs) == cols.n_targets
+        assert cols.rows == [list(range(reqs[0].N)), list(range(reqs[0].N, reqs[0].N + reqs[1].N))]
 
 
 # ------------------------------------------------------------------------------------------------------ keys
@@ -417,7 +430,7 @@ def test_batch_update_with_preservation_keys_is_eq_8_5(setup):
     H = compute_window_states(model, layout, LAYER, seqs)
     Z = H + torch.randn(H.shape, generator=g, dtype=H.dtype)
     W0 = get_weight(model, layout, LAYER).clone()
-    apply_batch(model, layout, solver, [LAYER], reqs, Z, lambda writes: cols)
+    apply_batch(model, layout, solver, [LAYER], reqs, Z, cols)
     K, K_p = keys.K, keys.K_p
     expected = (Z - H).T @ K.T @ torch.linalg.inv(lam * C0 + K_p @ K_p.T + K @ K.T)
     torch.testing.assert_close(get_weight(model, layout, LAYER) - W0, expected, rtol=1e-8, atol=1e-10)

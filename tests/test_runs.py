@@ -55,10 +55,10 @@ def test_resume_refuses_changed_settings_before_any_edit_and_names_them(tiny_wor
     ckpt = run / "checkpoints" / "step=1.ckpt"
     before = (run / runs.LEDGER).read_bytes()
     with pytest.raises(runs.CheckpointError) as err:
-        fit(tmp_path, "--ckpt_path", str(ckpt), "--model.targets.v_lr", "0.1",
+        fit(tmp_path, "--ckpt_path", str(ckpt), "--model.method.init_args.v_lr", "0.1",
             "--model.solver.init_args.L2", "1.0", "--model.layers", "[0, 2]", "--data.batch_size", "3")
     msg = str(err.value)
-    for expected in ("model.targets.v_lr: checkpoint 0.5, this run 0.1", "model.solver.init_args.L2: checkpoint 10.0, "
+    for expected in ("model.method.init_args.v_lr: checkpoint 0.5, this run 0.1", "model.solver.init_args.L2: checkpoint 10.0, "
                      "this run 1.0", "model.layers: checkpoint [0, 1], this run [0, 2]",
                      "data.batch_size: checkpoint 4, this run 3", str(ckpt), "--model.allow_changed"):
         assert expected in msg
@@ -70,8 +70,8 @@ def test_allowed_change_resumes_and_the_rest_may_always_change(tiny_world, tmp_p
     fit(tmp_path, "--trainer.max_steps", "1")
     run = run_dir(tmp_path)
     # v_lr changed on purpose; export_dir and the evaluation cadence are free to change
-    fit(tmp_path, "--ckpt_path", str(run / "checkpoints" / "step=1.ckpt"), "--model.targets.v_lr", "0.25",
-        "--model.allow_changed", "[model.targets.v_lr]", "--model.eval_every_n_steps", "1",
+    fit(tmp_path, "--ckpt_path", str(run / "checkpoints" / "step=1.ckpt"), "--model.method.init_args.v_lr", "0.25",
+        "--model.allow_changed", "[model.method.init_args.v_lr]", "--model.eval_every_n_steps", "1",
         "--model.export_dir", str(tmp_path / "export"))
     assert ids_and_steps(ledger(run)) == ids_and_steps(ledger(uninterrupted[0]))
     assert (tmp_path / "export" / "model.safetensors").exists()
@@ -89,8 +89,11 @@ def test_resume_continues_in_its_run_directory_with_the_uninterrupted_ledger(tin
     (run / "checkpoints" / "step=3.ckpt").unlink()
     with open(run / runs.LEDGER, "a") as f:
         f.write('{"case_id": 8, "st')  # a kill in the middle of a write
+    stale = run / "checkpoints" / ".step=3.ckpt.tmp-999999"  # a kill in the middle of a checkpoint's write
+    stale.write_bytes(b"PK\x03\x04 partial")
     cli = fit(tmp_path, "--ckpt_path", str(run / "checkpoints" / "step=1.ckpt"))
     assert Path(cli.trainer.log_dir) == run and not run_dir(tmp_path, 1).exists()
+    assert not stale.exists()
     got, want = ledger(run), ledger(uninterrupted[0])
     assert ids_and_steps(got) == ids_and_steps(want) == [(i, 1 + i // 4) for i in range(9)]
     for a, b in zip(got, want):  # the same edits, recomputed from the same state
@@ -142,13 +145,15 @@ def test_resume_into_another_directory_is_refused(tiny_world, tmp_path):
     import lightning as L
 
     from lit_edit.data import EditDataModule
+    from lit_edit.methods import VStar
     from lit_edit.module import EditModule
     from lit_edit.solvers import AlphaEdit
 
     fit(tmp_path, "--trainer.max_steps", "1")
     ckpt = run_dir(tmp_path) / "checkpoints" / "step=1.ckpt"
     cfg = yaml.safe_load(CONFIG.read_text())
-    model = {**cfg["model"], "solver": AlphaEdit(**cfg["model"]["solver"]["init_args"]), "eval_pre": False}
+    model = {**cfg["model"], "solver": AlphaEdit(**cfg["model"]["solver"]["init_args"]),
+             "method": VStar(**cfg["model"]["method"]["init_args"]), "eval_pre": False}
     module = EditModule(**model)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path / "other"),
                         enable_progress_bar=False, enable_checkpointing=False, use_distributed_sampler=False)
@@ -242,7 +247,7 @@ def test_settings_comparison_names_each_change_and_honours_prefixes():
 
 def test_abbreviated_options_are_refused(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIG), "--model.targets.v_num_grad_step", "5"])
+        main(["fit", "--config", str(CONFIG), "--model.method.init_args.v_num_grad_step", "5"])
     assert "v_num_grad_step" in capsys.readouterr().err
 
 
@@ -259,10 +264,12 @@ def test_shipped_checkpoint_names_match_the_readme_resume_command():
 
     readme = (REPO_ROOT / "README.md").read_text()
     assert "checkpoints/step=5.ckpt" in readme
-    configs = sorted((REPO_ROOT / "configs").rglob("*.yaml")) + sorted((REPO_ROOT / "tests" / "configs").glob("*.yaml"))
+    from lit_edit.cli import load_config
+    from tests.test_configs import CONFIGS
+
     seen = 0
-    for path in configs:
-        for cb in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
+    for path in CONFIGS:  # the run configs, each with its base: chain expanded
+        for cb in (load_config(path).get("trainer") or {}).get("callbacks") or []:
             if cb["class_path"].endswith("ModelCheckpoint") and "filename" in cb["init_args"]:
                 name = ModelCheckpoint(**cb["init_args"]).format_checkpoint_name({"step": torch.tensor(5)})
                 assert Path(name).name == "step=5.ckpt", path

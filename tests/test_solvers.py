@@ -85,7 +85,7 @@ def one_time(lam, alpha, projected, W0, Ks, Vs):
 
 
 def dense_alphaedit(alpha, Cp, K, R):
-    """ALGORITHMS.md §5 verbatim: Δ = R Kᵀ P ((C_p + K Kᵀ) P + α I)⁻¹ with the dense projector from an SVD."""
+    """docs/algorithms.md §5 verbatim: Δ = R Kᵀ P ((C_p + K Kᵀ) P + α I)⁻¹ with the dense projector from an SVD."""
     U, S, _ = torch.linalg.svd(C0)
     P = U[:, S < THR] @ U[:, S < THR].T
     return R @ K.T @ P @ torch.linalg.inv((Cp + K @ K.T) @ P + alpha * torch.eye(D_IN, dtype=F64))

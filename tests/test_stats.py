@@ -1,4 +1,4 @@
-"""C0 = E[k kᵀ] (ALGORITHMS.md §3): value, streaming/truncation, and the disk cache's key."""
+"""C0 = E[k kᵀ] (docs/algorithms.md §3): value, streaming/truncation, and the disk cache's key."""
 import pytest
 import torch
 
@@ -62,3 +62,29 @@ def test_layer_stats_cache_reused_and_keyed_on_weights(setup, tmp_path, monkeypa
         add_to_weight(model, layout, 1, 0.5 * torch.randn_like(get_weight(model, layout, 1)))
     C3 = S.layer_stats(model, tok, layout, [2], cfg, "tiny", cache_dir=str(tmp_path / "cache"))
     assert calls == [1] and not torch.allclose(C3[2], C1[2])
+
+
+@pytest.mark.parametrize("model,dataset,expected", [
+    ("world", None, "world"), ("world:large", None, "world:large"), ("world:tiny", None, "world:tiny"),
+    ("openai-community/gpt2-xl", None, "world"),  # not the world: the default corpus, as before the default was None
+    ("world:large", "world", "world"), ("world", "wikimedia/wikipedia", "wikimedia/wikipedia"),  # set: kept
+])
+def test_stats_dataset_unset_follows_the_built_in_world(model, dataset, expected):
+    cfg = S.StatsConfig(dataset=dataset, n_samples=7)
+    resolved = cfg.for_model(model)
+    assert resolved.dataset == expected and resolved.n_samples == 7
+    assert cfg.dataset == dataset  # a new config; the given one is unchanged
+
+
+def test_module_resolves_stats_dataset_once_for_hparams_checkpoints_and_cache(setup):
+    from dataclasses import asdict
+
+    from lit_edit.module import EditModule
+
+    module = EditModule(model="world:large", layers=[0, 1], stats=S.StatsConfig(max_length=64))
+    assert module.stats_cfg.dataset == "world:large"
+    assert module.hparams["stats"] == asdict(module.stats_cfg)  # what run_settings() stores and a resume compares
+    assert EditModule(model="world:large", layers=[0, 1], stats={"dataset": None}).stats_cfg.dataset == "world:large"
+    tok, model, layout = setup
+    with pytest.raises(ValueError, match="model.stats.dataset is unresolved"):
+        S.layer_stats(model, tok, layout, [0], S.StatsConfig(), "m")

@@ -1,4 +1,4 @@
-"""v* optimisation: batched over requests equals optimising each request alone (ALGORITHMS.md §2)."""
+"""v* optimisation: batched over requests equals optimising each request alone (docs/algorithms.md §2)."""
 import pytest
 import torch
 

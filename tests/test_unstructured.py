@@ -547,23 +547,15 @@ def test_sub_question_rouge(tmp_path):
 
 
 def test_bertscore_needs_a_local_model(tmp_path, capsys):
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     from lit_edit.metrics import embedding_scores
+    from tests.helpers import tiny_bert
 
     assert embedding_scores(["a b"], ["a b"], None) is None
     assert "no local scoring model" in capsys.readouterr().out
     assert embedding_scores(["a b"], ["a b"], "sentence-transformers/all-MiniLM-L6-v2") is None  # never downloaded
     assert "not a local model directory" in capsys.readouterr().out
 
-    words = "the cat sat on a mat dog ran in park today".split()
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(tmp_path)
+    tiny_bert(tmp_path)
     preds, refs = ["the cat sat on a mat", "the dog ran"], ["the cat sat on a mat", "a cat sat in the park today"]
     for mode in ("cosine", "bertscore"):
         same, other = embedding_scores(preds, refs, str(tmp_path), mode=mode)

@@ -1,4 +1,4 @@
-"""Unstructured editing in the fit loop on the tiny fact world's long-form records (ALGORITHMS.md §8)."""
+"""Unstructured editing in the fit loop on the tiny fact world's long-form records (docs/algorithms.md §8)."""
 import json
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 
 from lit_edit.data import EditDataModule, read_requests
 from lit_edit.module import EditModule
-from lit_edit.muke import WindowConfig
+from lit_edit.methods import Windows
 from lit_edit.requests import EditRequestError
 from lit_edit.solvers import MEMIT
 from lit_edit.stats import StatsConfig
@@ -23,7 +23,7 @@ def test_muke_edit_regenerates_the_paragraph(tiny_world, tmp_path):
     after the question reproduces it (BLEU ≥ 0.9), where the unedited model does not; ledger and per-record scores
     say how many windows were written."""
     module = EditModule(model="world:tiny", layers=[0, 1, 2], solver=MEMIT(mom2_update_weight=100.0),
-                        windows=WindowConfig(method="muke", window_size=1, coefficients="matryoshka"),
+                        method=Windows(method="muke", window_size=1, coefficients="matryoshka"),
                         stats=StatsConfig(dataset="world:tiny", n_samples=2000, max_length=64), context_templates=[])
     dm = EditDataModule(dataset="world_long", path="world:tiny", offset=shortest_record(), limit=1, batch_size=1)
     trainer = make_trainer(tmp_path, ckpt=False)
@@ -43,5 +43,5 @@ def test_muke_edit_regenerates_the_paragraph(tiny_world, tmp_path):
 def test_structured_module_refuses_an_unstructured_stream(tiny_world, tmp_path):
     module = make_module()
     dm = EditDataModule(dataset="world_long", path="world:tiny", limit=2, batch_size=2)
-    with pytest.raises(EditRequestError, match="model.windows"):
+    with pytest.raises(EditRequestError, match="lit_edit.methods.Windows"):
         make_trainer(tmp_path, ckpt=False).fit(module, dm)

@@ -38,7 +38,7 @@ SOLVER_CASES = {
 }
 
 CONFIG_CASES = {
-    (TargetConfig, "model.targets"): [
+    (TargetConfig, "model.method.init_args"): [
         ("v_num_grad_steps", 0), ("v_num_grad_steps", -3), ("v_num_grad_steps", 2.5), ("v_num_grad_steps", True),
         ("v_lr", NAN), ("v_lr", INF), ("v_lr", 0.0), ("v_lr", -0.5), ("v_lr", True),
         ("v_weight_decay", NAN), ("v_weight_decay", INF), ("v_weight_decay", -1e-3),
@@ -49,7 +49,7 @@ CONFIG_CASES = {
         ("kl_prompt", "is a"), ("kl_prompt", "{} is {}"), ("kl_prompt", "Of{} is a"), ("kl_prompt", None),
         ("legacy_bos_shift", "false"), ("chunk_size", -1), ("chunk_size", True), ("chunk_size", 1.5),
     ],
-    (MetaKEConfig, "model.metake"): [
+    (MetaKEConfig, "model.method.init_args"): [
         ("T", -1), ("T", 2.5), ("T", True), ("eta", NAN), ("eta", INF), ("eta", 0.0), ("eta", -5e-3), ("eta", True),
         ("w_edit", NAN), ("w_edit", -1.0), ("w_loc", INF), ("w_loc", -0.5), ("w_anchor", NAN), ("w_anchor", -1.0),
         ("w_anchor", True), ("tol", NAN), ("tol", INF), ("tol", -1e-3),
@@ -57,7 +57,7 @@ CONFIG_CASES = {
         ("kl_direction", "forward"), ("edit_prompts", "prefixed"), ("loc_prompt", "{} {}"), ("loc_prompt", "is a"),
         ("proxy_fidelity", 1),
     ],
-    (WindowConfig, "model.windows"): [
+    (WindowConfig, "model.method.init_args"): [
         ("method", "unke"), ("coefficients", "affinity"), ("affinity_pairing", "reversed"), ("on_mismatch", "ignore"),
         ("template", "llama"), ("metric_style", "bleu"),
         ("window_size", 0), ("window_size", True), ("window_size", 2.5), ("v_num_grad_steps", 0),
@@ -102,7 +102,7 @@ def test_config_refuses_bad_field(cls, where, field, value):
 
 
 def test_messages_state_the_allowed_range():
-    with pytest.raises(ValueError, match=r"^model\.targets\.v_lr must be a finite number > 0, got nan$"):
+    with pytest.raises(ValueError, match=r"^model\.method\.init_args\.v_lr must be a finite number > 0, got nan$"):
         TargetConfig(v_lr=NAN)
     with pytest.raises(ValueError, match=r"^solver AlphaEdit: L2 must be a finite number > 0, got inf "
                                          r"\(model\.solver\.init_args\.L2"):
@@ -112,7 +112,7 @@ def test_messages_state_the_allowed_range():
         MEMIT(L2=INF)
     with pytest.raises(ValueError, match=r"^solver MEMIT: rect_keep must be a finite number in \(0, 100\], got 0"):
         MEMIT(rect_keep=0)
-    with pytest.raises(ValueError, match=r"^model\.targets\.fact_token must be one of 'subject_last', 'subject_first', "
+    with pytest.raises(ValueError, match=r"^model\.method\.init_args\.fact_token must be one of 'subject_last', 'subject_first', "
                                          r"'subject_first_after_last', 'last', got 'subjct_last'$"):
         TargetConfig(fact_token="subjct_last")
     with pytest.raises(ValueError, match=r"^solver MEMIT: regularizer must be one of null, 'prune', 'rect', got 'none'"):
@@ -201,18 +201,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (("L2: 10.0", "L2: .inf"), "solver AlphaEdit: L2 must be a finite number > 0, got inf"),
-    (("v_lr: 0.5", "v_lr: .nan"), "model.targets.v_lr must be a finite number > 0, got nan"),
-    (("fact_token: subject_first", "fact_token: subjct_last"), "model.targets.fact_token must be one of"),
-    (("T: 15", "T: -1"), "model.metake.T must be an integer >= 0, got -1"),
-    (("dtype: float64}", "dtype: fp64}"), "model.stats.dtype must be one of"),
+    ("model: {solver: {init_args: {L2: .inf}}}", "solver AlphaEdit: L2 must be a finite number > 0, got inf"),
+    ("model: {method: {init_args: {base: {v_lr: .nan}}}}", "model.method.init_args.v_lr must be a finite number > 0, got nan"),
+    ("model: {method: {init_args: {base: {fact_token: subjct_last}}}}", "model.method.init_args.fact_token must be one of"),
+    ("model: {method: {init_args: {T: -1}}}", "model.method.init_args.T must be an integer >= 0, got -1"),
+    ("model: {stats: {dtype: fp64}}", "model.stats.dtype must be one of"),
 ], ids=["L2-inf", "v_lr-nan", "fact_token-typo", "T-negative", "stats-dtype"])
 def test_cli_refuses_bad_yaml_value(edit, expected, tmp_path, monkeypatch, capsys):
     from tests.test_configs import cli_for
 
-    text = (ROOT / "configs" / "default.yaml").read_text()
-    assert text.count(edit[0]) == 1
-    (tmp_path / "bad.yaml").write_text(text.replace(edit[0], edit[1]))
+    # configs/default.yaml with one bad value, written over it as a config that names it as its base
+    (tmp_path / "bad.yaml").write_text(f"base: {ROOT / 'configs' / 'default.yaml'}\n{edit}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises((ValueError, SystemExit)) as err:

@@ -1,0 +1,172 @@
+"""The two callbacks of an editing fit, added by ``EditModule.configure_callbacks`` in this order.
+
+* :class:`ClosedFormEdit` — the write: applies each step's plan with the solver (atomically, docs/algorithms.md
+  §4), advances the stream cursor, lets the method measure the write, hands the step to the module's logging and,
+  in independent mode, restores the weights and solver state after the batch was scored.
+* :class:`RunRecord` — the run's record: claims the run directory (lock, no second run, a resume only into its
+  own directory), appends the ledger after each step, and at the end writes ``metrics.json`` and
+  ``scores.jsonl``, prints the table, logs ``final/*`` and exports the edited model. Its checkpointed state is the
+  ledger's length, so a resume rolls the ledger back to exactly the checkpoint's edits (lit_edit.runs).
+
+Lightning runs callbacks in list order and every ModelCheckpoint after them, so a step's ledger lines are
+written and its batch marked applied before any checkpoint of that step is taken.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lit_edit import distributed as dist
+from lit_edit import runs
+from lit_edit.editing import StepStats, apply_batch
+
+
+class ClosedFormEdit(L.Callback):
+    """Writes the plan of each training step with the module's solver, atomically."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        dm = trainer.datamodule
+        if dm is not None and not callable(getattr(dm, "mark_applied", None)):
+            raise TypeError(f"{type(dm).__name__} cannot record applied batches (no mark_applied()): an editing run "
+                            f"needs lit_edit.data.EditDataModule or a data module with its resumable stream cursor")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        plan, m = outputs["plan"], pl_module
+        if m.independent:  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
+            saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
+        stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, plan.columns)
+        if trainer.datamodule is not None:
+            trainer.datamodule.mark_applied()
+        if plan.writes:
+            plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
+        plan.stats = stats
+        m.on_edit_applied(plan, stats)
+        if m.independent:
+            with torch.no_grad():
+                for w, w0 in zip(m.edited_weights(), saved[0]):
+                    w.copy_(w0)
+            m.solver.load_state_dict(saved[1])
+
+
+class RunRecord(L.Callback):
+    """The run directory and everything written into it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+        self.ledger_lines = 0  # lines of edits.jsonl written so far (counted on every rank; rank 0 writes)
+        self._resume: dict | None = None  # {ledger_lines, run_dir} of the checkpoint being resumed
+        self._lock: runs.RunLock | None = None
+
+    # -- the run directory ----------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Claim the run directory before any edit. trainer.log_dir is a collective under DDP: every rank reads it;
+        rank 0 decides and every rank stops on a problem."""
+        log_dir = trainer.log_dir
+        self.run_dir = Path(log_dir) if log_dir else None
+        problem = None
+        if trainer.is_global_zero and self.run_dir is not None:
+            try:
+                self._claim(self.run_dir, trainer.ckpt_path)
+            except (runs.RunDirError, runs.CheckpointError, OSError) as err:
+                problem = str(err)
+        problem = dist.broadcast_object(problem)
+        if problem is not None:
+            raise runs.RunDirError(problem)
+
+    def _claim(self, run_dir: Path, ckpt_path: str | None) -> None:
+        if self._resume is not None:
+            home = runs.checkpoint_run_dir(ckpt_path, self._resume["run_dir"])
+            if run_dir.resolve() != home:
+                raise runs.RunDirError(
+                    f"a resumed run continues in its checkpoint's run directory {home}, but this trainer writes to "
+                    f"{run_dir}: point the logger there (save_dir/name/version; train.py does it from --ckpt_path)")
+        self._lock = runs.RunLock(run_dir)
+        self._lock.acquire()
+        runs.remove_stale_temps(run_dir)  # of writes a killed run never finished
+        if self._resume is None:
+            found = runs.run_outputs(run_dir)
+            if found:
+                raise runs.RunDirError(f"run directory {run_dir} already holds an editing run ({', '.join(found)}): "
+                                       f"resume it with --ckpt_path, or write to a new directory (logger version)")
+        else:
+            dropped = runs.Ledger(run_dir).truncate(self._resume["ledger_lines"])
+            if dropped:
+                print(f"lit_edit: resuming {ckpt_path}: dropped {dropped} ledger line(s) of steps after it")
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._release()  # Lightning calls no teardown hook after a failure
+
+    def state_dict(self) -> dict:
+        return {"ledger_lines": self.ledger_lines,
+                "run_dir": str(self.run_dir.resolve()) if self.run_dir is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ledger_lines = int(state["ledger_lines"])
+        self._resume = dict(state)
+
+    # -- the ledger -----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        plan = outputs["plan"]
+        self.ledger_lines += len(plan.requests)
+        if trainer.is_global_zero and self.run_dir is not None:
+            runs.Ledger(self.run_dir).append(ledger_lines(plan, plan.stats, trainer.global_step, pl_module))
+
+    # -- the end --------------------------------------------------------------------------------
+    def on_fit_end(self, trainer, pl_module) -> None:
+        final = pl_module.final_evaluation()  # collective under DDP: every rank
+        if final is None or not trainer.is_global_zero:
+            return
+        result, per_record = final
+        print_table(result, result["n_edits"], pl_module.method.evaluator.keys)
+        if self.run_dir is not None:
+            runs.atomic_write(self.run_dir / runs.METRICS, json.dumps(result, indent=2))
+            runs.atomic_write(self.run_dir / runs.SCORES, "".join(json.dumps(line) + "\n" for line in per_record))
+        if pl_module.logger is not None:
+            pl_module.logger.log_metrics({f"final/{k}": v for k, v in result.items()}, step=trainer.global_step)
+        if pl_module.export_dir:
+            pl_module.llm.save_pretrained(pl_module.export_dir)
+            pl_module.tok.save_pretrained(pl_module.export_dir)
+
+
+def ledger_lines(plan, stats: StepStats, step: int, m) -> list[dict]:
+    """One line per request of the step: what was done to which fact, and per writing request its target loss,
+    residual norm per layer (the mean over its target rows) and the method's own fields."""
+    dropped = set(stats.dropped)
+    lines, j = [], 0  # j: index among the requests that wrote a value
+    for r in plan.requests:
+        line = {"case_id": r.case_id, "step": step, "operation": r.op, "fact": r.fact_id, "layers": m.layers,
+                "update_norm": stats.update_norm}
+        if r.op == "insert" and r.fact_id in dropped:
+            line["operation"] = "insert (replaced earlier edit)"
+        if r.writes:
+            rows = plan.columns.rows[j]
+            line["target_loss"] = round(float(plan.targets.loss[rows].mean()), 6)
+            line["residual_norm"] = {l: sum(v[c] for c in rows) / len(rows) for l, v in stats.request_residual.items()}
+            if m.method.row_name:
+                line[m.method.row_name] = len(rows)
+            line.update(m.method.ledger_fields({**plan.info, **plan.info.get("after_write", {})}, j))
+            j += 1
+        if r.fact_id in dropped:
+            line["forget_norm"] = stats.forget_norm
+        lines.append(line)
+    return lines
+
+
+def print_table(result: dict, n: int, keys: tuple[str, ...]) -> None:
+    rows = [(k, result.get(f"pre.{k}"), result.get(k)) for k in keys]
+    print(f"\nlit_edit: final evaluation over {n} edited requests")
+    print(f"{'metric':<16}{'pre':>10}{'post':>10}")
+    for k, pre, post in rows:
+        f = lambda x: f"{100 * x:10.2f}" if x is not None else f"{'-':>10}"  # noqa: E731
+        print(f"{k:<16}{f(pre)}{f(post)}")

@@ -1,0 +1,292 @@
+"""Target methods: *what* a step writes, as components chosen by ``class_path`` (``model.method`` in the YAML).
+
+A :class:`TargetMethod` turns a batch's writing requests into target rows Z at the last edited layer L; the solver
+(``lit_edit.solvers``) then writes them. The Lightning module never branches on the kind of method: it asks the
+method for the batch's :class:`Columns`, the targets of its shard of them (:meth:`TargetMethod.optimise`), an
+optional refinement (:meth:`TargetMethod.refine`), and how to score requests (:attr:`TargetMethod.evaluator`).
+
+Registered methods:
+
+* :class:`VStar` — MEMIT-style targets v* (docs/algorithms.md §2), one row per request, its settings those of
+  :class:`~lit_edit.targets.TargetConfig`.
+* :class:`MetaKE` — v* of its ``base`` refined through the solver's gate (§7; MetaKE Algorithm 1).
+* :class:`Windows` — long-form (unstructured) answers: One-for-All, AnyEdit or μKE window targets (§8), one row
+  per window.
+
+A new method is one class (a subclass of :class:`TargetMethod` implementing ``columns`` and ``optimise``) named by
+its ``class_path`` in a config; nothing else changes (tests/test_methods.py shows one with fixed targets).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from lit_edit import checks
+from lit_edit.data import check_lengths, check_structured_lengths
+from lit_edit.editing import FactColumns, compute_block_states
+from lit_edit.metake import MetaKEConfig, refine_targets
+from lit_edit.metrics import (BERTSCORE_MODES, KEYS, UNSTRUCTURED_KEYS, add_embedding_scores, generate_answers,
+                              record_scores, score_generations)
+from lit_edit.muke import WindowColumns, WindowConfig, optimise_windows, windowed
+from lit_edit.requests import EditRequest, UnstructuredRequest
+from lit_edit.targets import TargetConfig, TargetResult, compute_targets
+from lit_edit.tokens import context_length, encode, pad_id
+
+
+@runtime_checkable
+class Columns(Protocol):
+    """The columns a step writes, built once by the method and carried by the plan from the step to the write.
+
+    ``ids``: the ledger id of every column (target columns first, then any preservation columns, whose residual
+    is 0); ``n_targets``: the number of target columns (= rows of Z); ``rows``: the target rows of each writing
+    request, in order; ``keys`` / ``states``: the keys at the edited layers and the block-L states at the target
+    positions, read on the model as it is when called."""
+
+    ids: list[str]
+    n_targets: int
+    rows: list[list[int]]
+
+    def keys(self, model, layout, layers: list[int]) -> dict[int, torch.Tensor]: ...
+
+    def states(self, model, layout, layer: int) -> torch.Tensor: ...
+
+
+@dataclass
+class Env:
+    """What a method works with, handed over by the module once the model is loaded."""
+
+    llm: Any
+    tok: Any
+    layout: Any
+    layers: list[int]  # sorted; targets are at L = layers[-1]
+    context: list[str]  # context templates (docs/algorithms.md §1.4), "{}" first
+    solver: Any
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluators: how requests are scored
+# ------------------------------------------------------------------------------------------------
+
+
+class Evaluator(Protocol):
+    keys: tuple[str, ...]  # the metric names of a record's scores
+
+    def scores(self, env: Env, requests: list) -> list[dict[str, float]]: ...
+
+    def info(self, env: Env, request) -> dict: ...
+
+
+class ProbabilityEvaluator:
+    """CounterFact / ZsRE scoring by the probabilities of the targets (efficacy, generalization, specificity)."""
+
+    keys = KEYS
+
+    def scores(self, env: Env, requests: list) -> list[dict[str, float]]:
+        return record_scores(env.llm, env.tok, requests)
+
+    def info(self, env: Env, request) -> dict:
+        return {}
+
+
+class GenerationEvaluator:
+    """Long-form scoring: BLEU / ROUGE-L of greedy answers to the question and its paraphrases, and with a local
+    scoring model (``bertscore_model``) their BERTScore (or the reference code's embedding cosine)."""
+
+    def __init__(self, chat: bool = True, template: str | None = None, metric_style: str | None = None,
+                 bertscore_model: str | None = None, bertscore_mode: str = "bertscore"):
+        self.chat, self.template, self.metric_style = chat, template, metric_style
+        self.bertscore_model, self.bertscore_mode = bertscore_model, bertscore_mode
+        self.keys = UNSTRUCTURED_KEYS + (("bertscore", "para.bertscore") if bertscore_model else ())
+
+    def scores(self, env: Env, requests: list) -> list[dict[str, float]]:
+        gens = generate_answers(env.llm, env.tok, requests, chat=self.chat, template=self.template)
+        per = score_generations(requests, gens, style=self.metric_style)
+        if self.bertscore_model:
+            add_embedding_scores(per, gens, requests, self.bertscore_model, self.bertscore_mode)
+        return per
+
+    def info(self, env: Env, request) -> dict:
+        return {"answer_tokens": len(encode(env.tok, request.answer)), "category": request.category}
+
+
+# ------------------------------------------------------------------------------------------------
+# The protocol
+# ------------------------------------------------------------------------------------------------
+
+
+class TargetMethod:
+    """Base of every target method. Subclasses implement :meth:`columns` and :meth:`optimise`; the rest has
+    defaults. ``env`` is set by :meth:`bind` before the first step."""
+
+    request_type: type = EditRequest  # the requests it edits
+    evaluator: Evaluator = ProbabilityEvaluator()
+    row_name: str | None = None  # what a target row is, when a request has several (logged and in the ledger)
+    env: Env
+
+    def bind(self, env: Env) -> None:
+        self.env = env
+
+    def settings(self) -> dict:
+        """Every setting that changes what the method writes (stored in checkpoints, compared on resume)."""
+        return asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+
+    def check_lengths(self, writes: list, on_invalid: str) -> list:
+        """The writes whose every edited and scored sequence fits the model's context (the others raise or are
+        dropped, per ``on_invalid``)."""
+        return writes
+
+    def columns(self, writes: list) -> Columns:
+        raise NotImplementedError
+
+    def optimise(self, columns: Columns, own: list[int]) -> TargetResult:
+        """The target rows of the writes ``own`` (indices into the batch's writes), in order."""
+        raise NotImplementedError
+
+    def refine(self, columns: Columns, writes: list, res: TargetResult, own: list[int] | None) -> tuple[torch.Tensor, dict]:
+        """Z from the gathered targets of all writes (every rank holds them); returns (Z, what to log and keep)."""
+        return res.v_star, {}
+
+    def after_write(self, columns: Columns, writes: list, Z: torch.Tensor, info: dict) -> dict:
+        """Called once the batch is written (MetaKE measures the realised move here); returns what to log
+        (``logs``, ``histograms``) and keep for the ledger."""
+        return {}
+
+    def ledger_fields(self, info: dict, j: int) -> dict:
+        """Extra ledger fields of the j-th write."""
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------
+# v* (MEMIT-style) and MetaKE
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VStar(TargetConfig, TargetMethod):
+    """MEMIT-style v* (docs/algorithms.md §2): per request, δ at the fact token of block L maximising the
+    probability of ``target_new`` over the context-prefixed prompts, with a KL term, weight decay and a norm clamp;
+    batched over requests. Its settings are :class:`~lit_edit.targets.TargetConfig`'s."""
+
+    def check_lengths(self, writes: list, on_invalid: str) -> list:
+        limit = context_length(self.env.llm)
+        if not limit:
+            return writes
+        return check_structured_lengths(writes, self.env.tok, limit, context=max(self.env.context, key=len),
+                                        fact_token=self.fact_token, on_invalid=on_invalid)
+
+    def columns(self, writes: list) -> FactColumns:
+        return FactColumns(self.env.tok, writes, self.env.context, self.fact_token, self.legacy_bos_shift)
+
+    def optimise(self, columns: FactColumns, own: list[int]) -> TargetResult:
+        e = self.env
+        return compute_targets(e.llm, e.tok, e.layout, e.layers[-1], [columns.requests[j] for j in own], e.context,
+                               self)
+
+
+@dataclass
+class MetaKE(MetaKEConfig, TargetMethod):
+    """MetaKE (docs/algorithms.md §7): the v* of ``base`` refined by T steps on the meta-loss through the solver's
+    gate (the paper's Algorithm 1), with the realisation diagnostics β, β̂ and ρ logged and kept in the ledger."""
+
+    base: VStar = field(default_factory=VStar)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.base, dict):  # from a plain dict (Python or a checkpoint's hyper-parameters)
+            self.base = VStar(**self.base)
+        elif isinstance(self.base, TargetConfig) and not isinstance(self.base, VStar):
+            self.base = VStar(**asdict(self.base))
+
+    def bind(self, env: Env) -> None:
+        super().bind(env)
+        self.base.bind(env)
+
+    def check_lengths(self, writes: list, on_invalid: str) -> list:
+        return self.base.check_lengths(writes, on_invalid)
+
+    def columns(self, writes: list) -> FactColumns:
+        return self.base.columns(writes)
+
+    def optimise(self, columns: FactColumns, own: list[int]) -> TargetResult:
+        return self.base.optimise(columns, own)
+
+    def refine(self, columns, writes, res, own):
+        e = self.env
+        with torch.enable_grad():
+            ref = refine_targets(e.llm, e.tok, e.layout, e.solver, e.layers, writes, e.context, res.v_star, self.base,
+                                 self, own=own)
+        logs = {"metake/loss_start": ref.history[0], "metake/loss_end": ref.history[-1],
+                "metake/nll_end": ref.nll.mean(), "metake/beta_mean": ref.beta.mean(),
+                "metake/rho_mean": ref.rho.mean(),
+                "metake/target_shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).mean(),
+                "metake/grad_norm_start": ref.grad_start.mean()}
+        if ref.fidelity is not None:
+            logs.update({f"metake/{k}": v for k, v in ref.fidelity.items()})
+        return ref.V.to(res.v_star.dtype), {"logs": logs, "histograms": {"metake/beta": ref.beta, "metake/rho": ref.rho},
+                                            "refinement": ref}
+
+    def after_write(self, columns, writes, Z, info) -> dict:
+        """Empirical realisation β̂_i = ⟨h_L^post − h_L^pre, r_i⟩ / ‖r_i‖² with r = V − h_L^pre, end to end at the
+        last edited layer (§7.5), next to the predicted β."""
+        ref, e = info["refinement"], self.env
+        post = compute_block_states(e.llm, e.tok, e.layout, e.layers[-1], writes, self.base.fact_token,
+                                    self.base.legacy_bos_shift).to(ref.H)
+        r = Z.to(ref.H) - ref.H
+        beta_hat = ((post - ref.H) * r).sum(-1) / (r.pow(2).sum(-1) + 1e-12)
+        return {"logs": {"metake/beta_hat_mean": beta_hat.mean()}, "histograms": {"metake/beta_hat": beta_hat},
+                "beta_hat": beta_hat.detach().cpu()}
+
+    def ledger_fields(self, info: dict, j: int) -> dict:  # §7.5 per request (benchmarks/realisation_bins.py)
+        ref = info["refinement"]
+        out = {"rho": float(ref.rho[j]), "beta": float(ref.beta[j])}
+        if "beta_hat" in info:
+            out["beta_hat"] = float(info["beta_hat"][j])
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Long-form answers: One-for-All, AnyEdit, μKE
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Windows(WindowConfig, TargetMethod):
+    """Unstructured edits (docs/algorithms.md §8): the answer cut into windows, one target row per window —
+    One-for-All (one window), AnyEdit (windows in order, earlier ones re-added) or μKE (Matryoshka or
+    context-affinity coefficients), chosen by ``method``. Requests: the unstructured readers' (unke, akew,
+    editeverything, world_long); scored by BLEU / ROUGE-L of greedy answers."""
+
+    request_type = UnstructuredRequest
+    row_name = "windows"
+    bertscore_model: str | None = None  # a local scoring model directory: adds bertscore / para.bertscore
+    bertscore_mode: str = "bertscore"  # torchmetrics BERTScore F1 | "cosine" (the reference code's embedding cosine)
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.choice("model.method.init_args.bertscore_mode", self.bertscore_mode, BERTSCORE_MODES)
+        if self.bertscore_model is not None and not Path(self.bertscore_model).expanduser().is_dir():
+            raise ValueError(f"model.method.init_args.bertscore_model must be a local model directory (scoring models "
+                             f"are never downloaded), got {self.bertscore_model!r}")
+        self.evaluator = GenerationEvaluator(self.chat, self.template, self.metric_style, self.bertscore_model,
+                                             self.bertscore_mode)
+
+    def check_lengths(self, writes: list, on_invalid: str) -> list:
+        return check_lengths(writes, self.env.tok, self.env.llm, template=self.template, chat=self.chat,
+                             on_invalid=on_invalid)
+
+    def columns(self, writes: list) -> WindowColumns:
+        seqs = [windowed(self.env.tok, r, self) for r in writes]
+        return WindowColumns(seqs, [r.fact_id for r in writes], self.preservation, pad_id(self.env.tok))
+
+    def optimise(self, columns: WindowColumns, own: list[int]) -> TargetResult:
+        e = self.env
+        got = optimise_windows(e.llm, e.layout, e.layers[-1], [columns.seqs[j] for j in own], self,
+                               pad=pad_id(e.tok))
+        cat = lambda k: torch.cat([getattr(t, k) for t in got])  # noqa: E731
+        return TargetResult(cat("z"), cat("h_init"), cat("delta"), cat("loss"), cat("nll"), cat("steps"), [])
+
+
+METHODS = {"v_star": VStar, "metake": MetaKE, "windows": Windows}
