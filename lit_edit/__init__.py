@@ -7,3 +7,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``from lit_edit import Editor`` (the Python entry point, lit_edit.api), imported on first use: importing
+    the package itself must stay light and must not start torch before OMP_WAIT_POLICY is set above."""
+    if name in ("Editor", "EditResult"):
+        from lit_edit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lit_edit' has no attribute {name!r}")

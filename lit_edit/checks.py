@@ -89,3 +89,26 @@ def subject_template(name: str, value: Any, *, note: str | None = None):
     if prefix and not prefix.endswith(" "):
         raise _fail(name, rule, value, note)
     return value
+
+
+def edit_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
+                      sync_check_every_n_steps, allow_changed) -> None:
+    """EditModule's own settings, refused at construction with the YAML name (lit_edit.checks)."""
+    text("model.model", model)
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"model.layers must be a non-empty list of block indices, got {layers!r}")
+    for i, l in enumerate(layers):
+        integer(f"model.layers[{i}]", l, ge=0)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"model.layers must not repeat a layer, got {list(layers)}")
+    choice("model.dtype", dtype, ("float32", "float64", "bfloat16", "float16"))
+    for i, spec in enumerate(context_templates):
+        if not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            raise ValueError(f"model.context_templates[{i}] must be [length, count], got {spec!r}")
+        integer(f"model.context_templates[{i}][0] (length in tokens)", spec[0], ge=1)
+        integer(f"model.context_templates[{i}][1] (count)", spec[1], ge=0)
+    integer("model.context_seed", context_seed, ge=0)
+    integer("model.eval_every_n_steps", eval_every_n_steps, ge=0)
+    integer("model.sync_check_every_n_steps", sync_check_every_n_steps, ge=0)
+    for i, name in enumerate(allow_changed):
+        text(f"model.allow_changed[{i}]", name)

@@ -806,6 +806,26 @@ def check_structured_lengths(requests: list[EditRequest], tokenizer, max_length,
                                                                      fact_token=fact_token), on_invalid)
 
 
+def requests_from_records(records: list[dict], schema: str = "counterfact", *, on_invalid: str = "raise",
+                          target_field: str = "answers") -> list:
+    """Records already in memory (dicts in a reader's format) as validated requests, exactly as the reader of
+    ``schema`` builds them from a file: ``counterfact`` / ``world`` (CounterFact schema), ``zsre`` (MEND eval),
+    ``unke`` or ``editeverything``."""
+    builders: dict[str, Callable[[int, dict], list]] = {
+        "counterfact": lambda i, r: _counterfact_requests(i, r, "counterfact"),
+        "world": lambda i, r: _counterfact_requests(i, r, "world"),
+        "zsre": lambda i, r: _zsre_request(i, r, target_field),
+        "unke": _unke_request,
+        "editeverything": _editeverything_request,
+    }
+    if schema not in builders:
+        raise ValueError(f"schema must be one of {sorted(builders)}, got {schema!r} (other formats: write them to a "
+                         f"file and use the data module's reader)")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise TypeError("records must be a list of dicts (one record each)")
+    return _collect(records, builders[schema], on_invalid)
+
+
 READERS: dict[str, Callable[..., list[EditRequest] | list[UnstructuredRequest]]] = {
     "counterfact": read_counterfact,
     "zsre": read_zsre,
@@ -1036,9 +1056,13 @@ class EditDataModule(L.LightningDataModule):
     # -- reading -------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the stream once; later calls (every ``fit``, every stage) keep it and its position."""
-        if self._cursor is not None:
-            return
+        """Read the stream once; later calls (every ``fit``, every stage) keep it and its position. Every call hands
+        it to the module being fitted."""
+        if self._cursor is None:
+            self._read_and_position()
+        self._hand_over()
+
+    def _read_and_position(self) -> None:
         self.requests = self._read_stream()
         if not self.requests:
             raise ValueError(
@@ -1049,6 +1073,14 @@ class EditDataModule(L.LightningDataModule):
         if self._pending_state is not None:
             self._cursor.load_state_dict(self._pending_state)
             self._pending_state = None
+
+    def _hand_over(self) -> None:
+        """Give the stream to the module being fitted (its ``connect``), with the record policy and the way to drop
+        a request that does not fit the model."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and callable(getattr(module, "connect", None)):
+            settings = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+            module.connect(self.requests, self.on_invalid, self.drop_requests, settings)
 
     def _read_stream(self) -> list[EditRequest]:
         """Requests ``offset .. offset+limit`` of the reader's output.

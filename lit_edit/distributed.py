@@ -24,6 +24,8 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
+from lit_edit.targets import TargetResult
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -153,3 +155,16 @@ def check_strategy(trainer) -> None:
     raise ValueError(f"lit_edit runs on {trainer.world_size} processes only with strategy 'ddp_nowrap', got {name}.{hint} "
                      "Set `trainer.strategy: ddp_nowrap` (or --trainer.strategy ddp_nowrap); it keeps Lightning's "
                      "launchers (devices, num_nodes, torchrun, SLURM).")
+
+
+def gather_targets(local: TargetResult | None, capacity: int, d: int, dtype: torch.dtype, device) -> TargetResult:
+    """Every rank's targets (its shard's rows, ≤ ``capacity``; None when its shard has no write), concatenated
+    in rank order = the global order of the batch's writes. One process: ``local`` itself."""
+    if not is_distributed():
+        return local
+    if local is None:
+        z, zl = torch.zeros(0, d, device=device, dtype=dtype), torch.zeros(0, device=device, dtype=dtype)
+        local = TargetResult(z, z, z, zl, zl, torch.zeros(0, dtype=torch.long), [])
+    rows = lambda x: gather_rows(x.to(device), capacity)  # noqa: E731
+    return TargetResult(rows(local.v_star), rows(local.h_init), rows(local.delta), rows(local.loss), rows(local.nll),
+                        rows(local.steps).cpu(), local.history)

@@ -47,42 +47,6 @@ class EditPlan:
         return [r for r in self.requests if r.writes]
 
 
-def gather_targets(local: TargetResult | None, capacity: int, d: int, dtype: torch.dtype, device) -> TargetResult:
-    """Every rank's targets (its shard's rows, ≤ ``capacity``; None when its shard has no write), concatenated
-    in rank order = the global order of the batch's writes. One process: ``local`` itself."""
-    if not dist.is_distributed():
-        return local
-    if local is None:
-        z, zl = torch.zeros(0, d, device=device, dtype=dtype), torch.zeros(0, device=device, dtype=dtype)
-        local = TargetResult(z, z, z, zl, zl, torch.zeros(0, dtype=torch.long), [])
-    rows = lambda x: dist.gather_rows(x.to(device), capacity)  # noqa: E731
-    return TargetResult(rows(local.v_star), rows(local.h_init), rows(local.delta), rows(local.loss), rows(local.nll),
-                        rows(local.steps).cpu(), local.history)
-
-
-def check_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
-                      sync_check_every_n_steps, allow_changed) -> None:
-    """EditModule's own settings, refused at construction with the YAML name (lit_edit.checks)."""
-    checks.text("model.model", model)
-    if not isinstance(layers, (list, tuple)) or not layers:
-        raise ValueError(f"model.layers must be a non-empty list of block indices, got {layers!r}")
-    for i, l in enumerate(layers):
-        checks.integer(f"model.layers[{i}]", l, ge=0)
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"model.layers must not repeat a layer, got {list(layers)}")
-    checks.choice("model.dtype", dtype, ("float32", "float64", "bfloat16", "float16"))
-    for i, spec in enumerate(context_templates):
-        if not isinstance(spec, (list, tuple)) or len(spec) != 2:
-            raise ValueError(f"model.context_templates[{i}] must be [length, count], got {spec!r}")
-        checks.integer(f"model.context_templates[{i}][0] (length in tokens)", spec[0], ge=1)
-        checks.integer(f"model.context_templates[{i}][1] (count)", spec[1], ge=0)
-    checks.integer("model.context_seed", context_seed, ge=0)
-    checks.integer("model.eval_every_n_steps", eval_every_n_steps, ge=0)
-    checks.integer("model.sync_check_every_n_steps", sync_check_every_n_steps, ge=0)
-    for i, name in enumerate(allow_changed):
-        checks.text(f"model.allow_changed[{i}]", name)
-
-
 class EditModule(L.LightningModule):
     """A frozen causal LM being edited one batch of requests per step.
 
@@ -122,7 +86,7 @@ class EditModule(L.LightningModule):
         # hparams.yaml / TensorBoard: the run's settings as plain values (components are added below as dicts);
         # a resume compares run_settings(), stored in the checkpoint, not these
         self.save_hyperparameters(ignore=["solver", "method", "stats", "allow_changed"])
-        check_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
+        checks.edit_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
                           sync_check_every_n_steps, allow_changed)
         self.model_name, self.layers, self.dtype_name = model, sorted(layers), dtype
         self.solver = solver if solver is not None else AlphaEdit()
@@ -142,6 +106,7 @@ class EditModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None
+        self.connect([])
         self.edited_ids: list = []  # live edits in order (replaced or removed facts leave it)
         self.n_removed = 0
         self.context: list[str] = []
@@ -151,9 +116,13 @@ class EditModule(L.LightningModule):
         self.batch_metrics = make_metrics(keys=self.method.evaluator.keys)
 
     # -- set-up ---------------------------------------------------------------------------
-    def connect(self, requests: list) -> None:
-        """The hand-off of the stream: the requests this run edits (the data module's, read in its setup)."""
-        self.requests = list(requests)
+    def connect(self, requests: list, on_invalid: str = "raise", drop=None, settings: dict | None = None) -> None:
+        """The hand-off of the stream (``EditDataModule.setup`` calls it; without a data module, call it yourself):
+        the requests this run edits, what to do with one that does not fit the model (``on_invalid``), how to
+        drop it from the stream (``drop(case_ids)``, so the checkpointed stream is the filtered one) and the
+        stream's settings (``data.*``, compared on resume)."""
+        self.requests, self._on_invalid, self._drop = list(requests), on_invalid, drop
+        self._data_settings = dict(settings or {})
 
     def configure_model(self) -> None:
         """Load the LLM and everything measured on the *unedited* model (context templates, C0, pre metrics).
@@ -169,10 +138,7 @@ class EditModule(L.LightningModule):
         self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
         self.env = Env(self.llm, self.tok, self.layout, self.layers, self.context, self.solver)
         self.method.bind(self.env)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is not None:
-            self.connect(dm.requests)
-        self.requests = self.validate_lengths(getattr(self, "requests", []))
+        self.requests = self.validate_lengths(self.requests)
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
@@ -191,15 +157,13 @@ class EditModule(L.LightningModule):
                     if want is EditRequest else "use an unstructured reader")
             raise EditRequestError(bad.case_id, "question" if want is EditRequest else "prompt",
                                    f"a {type(bad).__name__} in a run whose method edits {want.__name__}s: {hint}")
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        on_invalid = getattr(dm, "on_invalid", "raise")
         writes = [r for r in requests if r.writes]  # removals are neither edited nor scored
-        fits = self.method.check_lengths(writes, on_invalid)
+        fits = self.method.check_lengths(writes, self._on_invalid)
         if len(fits) == len(writes):
             return requests
         kept = {r.case_id for r in fits}  # case ids are unique in a stream (check_unique_case_ids)
-        if dm is not None:
-            dm.drop_requests([r.case_id for r in writes if r.case_id not in kept])
+        if self._drop is not None:
+            self._drop([r.case_id for r in writes if r.case_id not in kept])
         return [r for r in requests if not r.writes or r.case_id in kept]
 
     def setup(self, stage: str) -> None:
@@ -245,7 +209,7 @@ class EditModule(L.LightningModule):
         if own:
             with torch.enable_grad():
                 local = self.method.optimise(columns, own)
-        res = gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
+        res = dist.gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
         logs = {"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(), "targets/steps": res.steps.float().mean(),
                 "targets/delta_norm": res.delta.norm(dim=-1).mean()}
         if self.method.row_name:
@@ -360,9 +324,7 @@ class EditModule(L.LightningModule):
             s[f"model.{key}.class_path"] = self.hparams[key]["class_path"]
             s.update(runs.flatten(self.hparams[key]["init_args"], f"model.{key}.init_args"))
         s.update(runs.flatten(self.hparams["stats"], "model.stats"))
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is not None:
-            s.update(runs.flatten({k: v for k, v in dm.hparams.items() if not k.startswith("_")}, "data"))
+        s.update(runs.flatten(self._data_settings, "data"))
         return s
 
     def _checksum(self, state_dict: dict, lit_state: dict) -> str:

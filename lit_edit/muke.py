@@ -42,7 +42,7 @@ from lit_edit.hooks import capture_inputs, capture_outputs, rewrite_output
 from lit_edit.layouts import block_module, edited_module
 from lit_edit.requests import MUKE_TEMPLATES
 from lit_edit.targets import adam_rows, hidden_size, label_logprobs, opt_dtype, weight_decay_term
-from lit_edit.tokens import bos_ids, encode, pad_batch, pad_id
+from lit_edit.tokens import bos_ids, encode, pad_batch
 
 METHODS = ("one_for_all", "anyedit", "muke")
 COEFFICIENTS = ("matryoshka", "context-affinity")

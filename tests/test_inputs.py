@@ -9,7 +9,6 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest

@@ -15,7 +15,7 @@ from lit_edit.methods import MetaKE, VStar
 from lit_edit.module import EditModule
 from lit_edit.solvers import MEMIT, AlignedSolver, AlphaEdit
 from lit_edit.stats import StatsConfig
-from lit_edit.targets import TargetConfig, compute_targets
+from lit_edit.targets import compute_targets
 
 LAYER = 1
 TCFG = VStar(v_num_grad_steps=8, clamp_norm_factor=4.0, fact_token="subject_first")

@@ -7,7 +7,6 @@ import torch
 
 from lit_edit.cli import main
 from lit_edit.editing import FactColumns
-from lit_edit.layouts import get_weight
 from lit_edit.methods import Columns, MetaKE, VStar, Windows
 from tests.conftest import REPO_ROOT
 

@@ -14,7 +14,6 @@ from lit_edit.requests import EditRequestError
 from lit_edit.methods import VStar
 from lit_edit.solvers import MEMIT, AlignedSolver, AlphaEdit
 from lit_edit.stats import StatsConfig
-from lit_edit.targets import TargetConfig
 
 LAYERS = [0, 1]
 
