@@ -1,10 +1,11 @@
 """The two callbacks of an editing fit, added by ``EditModule.configure_callbacks`` in this order.
 
 * :class:`ClosedFormEdit` — the write: applies each step's plan with the solver (atomically, docs/algorithms.md
-  §4), advances the stream cursor, lets the method measure the write, hands the step to the module's logging and,
-  in independent mode, restores the weights and solver state after the batch was scored.
+  §4), advances the stream cursor, lets the method measure the write, updates the module's live edit set and the
+  batch's scores, checks that the ranks agree and, in independent mode, restores the weights and solver state.
 * :class:`RunRecord` — the run's record: claims the run directory (lock, no second run, a resume only into its
-  own directory), appends the ledger after each step, and at the end writes ``metrics.json`` and
+  own directory), logs each step (:func:`log_step`: norms, solver figures, batch scores, the retention curve)
+  and appends its ledger lines, and at the end writes ``metrics.json`` and
   ``scores.jsonl``, prints the table, logs ``final/*`` and exports the edited model. Its checkpointed state is the
   ledger's length, so a resume rolls the ledger back to exactly the checkpoint's edits (lit_edit.runs).
 
@@ -14,6 +15,7 @@ written and its batch marked applied before any checkpoint of that step is taken
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -43,7 +45,9 @@ class ClosedFormEdit(L.Callback):
         if plan.writes:
             plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
         plan.stats = stats
-        m.on_edit_applied(plan, stats)
+        m.record_applied(plan, stats)
+        if m.sync_check_every_n_steps and trainer.global_step % m.sync_check_every_n_steps == 0:
+            dist.assert_in_sync(m.edited_weights(), f"edited weights after step {trainer.global_step}")
         if m.independent:
             with torch.no_grad():
                 for w, w0 in zip(m.edited_weights(), saved[0]):
@@ -118,6 +122,7 @@ class RunRecord(L.Callback):
     # -- the ledger -----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         plan = outputs["plan"]
+        log_step(trainer, pl_module, plan)
         self.ledger_lines += len(plan.requests)
         if trainer.is_global_zero and self.run_dir is not None:
             runs.Ledger(self.run_dir).append(ledger_lines(plan, plan.stats, trainer.global_step, pl_module))
@@ -137,6 +142,33 @@ class RunRecord(L.Callback):
         if pl_module.export_dir:
             pl_module.llm.save_pretrained(pl_module.export_dir)
             pl_module.tok.save_pretrained(pl_module.export_dir)
+
+
+def log_step(trainer, m, plan) -> None:
+    """The step's scalars: update and residual norms per layer, the solver's own figures, the method's post-write
+    diagnostics, the batch's scores, the live edit count, every ``eval_every_n_steps`` the retention evaluation
+    over all live edits (a collective under DDP), and the step's time."""
+    n, stats = len(plan.requests), plan.stats
+    if stats.dropped:
+        m.log("n_removed", float(m.n_removed), batch_size=n)
+    for name, per_layer in (("residual_norm", stats.residual_norm), ("delta_norm", stats.update_norm),
+                            ("forget_norm", stats.forget_norm), ("regularizer_change", stats.regularizer_change)):
+        for l, v in per_layer.items():
+            m.log(f"update/{name}/layer_{l}", v, batch_size=n)
+    for k, v in m.solver.describe().items():
+        m.log(f"solver/{k}", float(v), batch_size=n)
+    if plan.writes:
+        m.log_info(plan.info.get("after_write", {}), len(plan.writes))
+        m.log_dict({f"batch/{k}": v for k, v in plan.batch_scores.items()}, batch_size=len(plan.writes), prog_bar=True)
+    m.log("n_edits", float(len(m.edited_ids)), batch_size=n)
+    step = trainer.global_step
+    if m.eval_every_n_steps and step % m.eval_every_n_steps == 0 and not m.independent:
+        scores = m.scores.mean(m.env, m.edited_requests(), device=m.device)
+        # straight to the logger: self.log from a batch-end hook re-emits the cached value at every later
+        # step until it is logged again (measured: 5 identical points per 5-step interval in TensorBoard)
+        if m.logger is not None and trainer.is_global_zero:
+            m.logger.log_metrics({f"edited/{k}": v for k, v in scores.items()}, step=step)
+    m.log("time/step_seconds", time.perf_counter() - plan.started, batch_size=n)
 
 
 def ledger_lines(plan, stats: StepStats, step: int, m) -> list[dict]:

@@ -21,7 +21,7 @@ from lit_edit.callbacks import ClosedFormEdit, RunRecord
 from lit_edit.editing import StepStats
 from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.methods import Columns, Env, TargetMethod, VStar
-from lit_edit.metrics import compute_metrics, make_metrics, update_metrics
+from lit_edit.evaluation import Scores
 from lit_edit.models import generate_context_templates, load_model
 from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.solvers import AlphaEdit, Solver
@@ -40,6 +40,7 @@ class EditPlan:
     started: float = field(default_factory=time.perf_counter)
     info: dict = field(default_factory=dict)  # the method's refinement and diagnostics (MetaKE)
     stats: StepStats | None = None  # filled by the write
+    batch_scores: dict | None = None  # the writes' scores right after the write
 
     @property
     def writes(self) -> list[EditRequest]:
@@ -87,7 +88,7 @@ class EditModule(L.LightningModule):
         # a resume compares run_settings(), stored in the checkpoint, not these
         self.save_hyperparameters(ignore=["solver", "method", "stats", "allow_changed"])
         checks.edit_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
-                          sync_check_every_n_steps, allow_changed)
+                                sync_check_every_n_steps, allow_changed)
         self.model_name, self.layers, self.dtype_name = model, sorted(layers), dtype
         self.solver = solver if solver is not None else AlphaEdit()
         self.method = method if method is not None else VStar()
@@ -110,10 +111,8 @@ class EditModule(L.LightningModule):
         self.edited_ids: list = []  # live edits in order (replaced or removed facts leave it)
         self.n_removed = 0
         self.context: list[str] = []
-        self.pre_records: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
-        self.post_records: dict = {}  # independent runs: case_id -> scores right after its own batch
+        self.scores = Scores(self.method.evaluator)  # pre-edit, per-batch and final scores (lit_edit.evaluation)
         self.final_scores: dict[str, float] = {}
-        self.batch_metrics = make_metrics(keys=self.method.evaluator.keys)
 
     # -- set-up ---------------------------------------------------------------------------
     def connect(self, requests: list, on_invalid: str = "raise", drop=None, settings: dict | None = None) -> None:
@@ -142,7 +141,7 @@ class EditModule(L.LightningModule):
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
-            self.pre_records = self.scored_records([r for r in self.requests if r.writes])
+            self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes])
 
     def validate_lengths(self, requests: list) -> list:
         """Every request is of the method's kind, and every sequence it is edited or scored with fits the model's
@@ -194,7 +193,7 @@ class EditModule(L.LightningModule):
         Z, info = torch.zeros(0, hidden_size(self.llm), device=self.device), {}
         if res is not None:
             Z, info = self.method.refine(columns, writes, res, own if dist.is_distributed() else None)
-            self._log_info(info, len(writes))
+            self.log_info(info, len(writes))
         return {"plan": EditPlan(batch, Z, res, columns, started, info)}
 
     def shard_targets(self, batch: list, columns: Columns) -> tuple[TargetResult, list[int]]:
@@ -217,7 +216,7 @@ class EditModule(L.LightningModule):
         self.log_dict(logs, batch_size=len(write_pos))
         return res, own
 
-    def _log_info(self, info: dict, n: int) -> None:
+    def log_info(self, info: dict, n: int) -> None:
         """Scalars and histograms a method reports (``logs``, ``histograms``)."""
         if info.get("logs"):
             self.log_dict(info["logs"], batch_size=n)
@@ -226,69 +225,21 @@ class EditModule(L.LightningModule):
             for k, v in info["histograms"].items():
                 exp.add_histogram(k, v.detach().float().cpu(), self.global_step)
 
-    def on_edit_applied(self, plan: EditPlan, stats: StepStats) -> None:
-        """Called by ClosedFormEdit after a successful write: the live edit set, logs, the retention evaluation."""
-        n, writes = len(plan.requests), plan.writes
+    def record_applied(self, plan: EditPlan, stats: StepStats) -> None:
+        """Called by ClosedFormEdit after a successful write: the live edit set, and the batch's scores on the model as
+        written (``plan.batch_scores``; RunRecord logs them)."""
         if stats.dropped:  # replaced or forgotten facts leave the set of live edits
             dropped = set(stats.dropped)
             by_id = {r.case_id: r for r in self.requests}
             self.edited_ids = [i for i in self.edited_ids if by_id[i].fact_id not in dropped]
             self.n_removed += sum(r.op == "remove" for r in plan.requests)
-            self.log("n_removed", float(self.n_removed), batch_size=n)
-        self.edited_ids.extend(r.case_id for r in writes)
-        for name, per_layer in (("residual_norm", stats.residual_norm), ("delta_norm", stats.update_norm),
-                                ("forget_norm", stats.forget_norm), ("regularizer_change", stats.regularizer_change)):
-            for l, v in per_layer.items():
-                self.log(f"update/{name}/layer_{l}", v, batch_size=n)
-        for k, v in self.solver.describe().items():
-            self.log(f"solver/{k}", float(v), batch_size=n)
-        if writes:
-            self._log_info(plan.info.get("after_write", {}), len(writes))
-            if self.independent:  # the final metrics are these scores: keep them per record
-                got = self.scored_records(writes)
-                self.post_records.update(got)
-                scores = self.evaluate([], [got[r.case_id] for r in writes], metrics=self.batch_metrics)
-            else:
-                scores = self.evaluate(writes, metrics=self.batch_metrics)
-            self.log_dict({f"batch/{k}": v for k, v in scores.items()}, batch_size=len(writes), prog_bar=True)
-        if self.sync_check_every_n_steps and self.global_step % self.sync_check_every_n_steps == 0:
-            dist.assert_in_sync(self.edited_weights(), f"edited weights after step {self.global_step}")
-        self.log("n_edits", float(len(self.edited_ids)), batch_size=n)
-        step = self.global_step
-        if self.eval_every_n_steps and step % self.eval_every_n_steps == 0 and not self.independent:
-            scores = self.evaluate(self.edited_requests())
-            # straight to the logger: self.log from a batch-end hook re-emits the cached value at every later
-            # step until it is logged again (measured: 5 identical points per 5-step interval in TensorBoard)
-            if self.logger is not None and self.trainer.is_global_zero:
-                self.logger.log_metrics({f"edited/{k}": v for k, v in scores.items()}, step=step)
-        self.log("time/step_seconds", time.perf_counter() - plan.started, batch_size=n)
+        self.edited_ids.extend(r.case_id for r in plan.writes)
+        if plan.writes:
+            plan.batch_scores = self.scores.batch(self.env, plan.writes, self.independent, self.device)
 
-    # -- evaluation -----------------------------------------------------------------------
     def edited_requests(self) -> list[EditRequest]:
         by_id = {r.case_id: r for r in self.requests}
         return [by_id[i] for i in self.edited_ids]
-
-    def scored_records(self, requests: list) -> dict:
-        """case_id -> the method's evaluator scores of ``requests`` on the current model; under DDP each rank scores
-        its shard and every rank gets the union."""
-        mine = [requests[i] for i in dist.shard(len(requests))]
-        scores = self.method.evaluator.scores(self.env, mine) if mine else []
-        parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], scores)))
-        return dict(pair for part in parts for pair in part)
-
-    def evaluate(self, requests: list[EditRequest], scores: list[dict] | None = None, metrics=None) -> dict[str, float]:
-        """Mean scores of ``requests`` (or of precomputed per-record ``scores``). Under DDP each rank scores its shard
-        and the torchmetrics states (sums and counts) are reduced by ``compute()``: call it on every rank."""
-        keys = self.method.evaluator.keys
-        metrics = make_metrics(keys=keys).to(self.device) if metrics is None else metrics
-        metrics.reset()
-        if scores is None:
-            mine = [requests[i] for i in dist.shard(len(requests))]
-            scores = self.method.evaluator.scores(self.env, mine) if mine else []
-        else:
-            scores = [scores[i] for i in dist.shard(len(scores))]
-        update_metrics(metrics, scores)
-        return compute_metrics(metrics, keys)
 
     def final_evaluation(self) -> tuple[dict, list[dict]] | None:
         """The final metrics over the live edits (with their pre-edit values) and the per-record scores; None when
@@ -296,15 +247,13 @@ class EditModule(L.LightningModule):
         edited = self.edited_requests()
         if not edited:
             return None
-        post = self.post_records if self.independent else self.scored_records(edited)
-        self.final_scores = self.evaluate([], [post[r.case_id] for r in edited])
-        pre = [self.pre_records[r.case_id] for r in edited if r.case_id in self.pre_records]
-        pre_scores = self.evaluate([], pre) if pre else {}
-        result = {**self.final_scores, **{f"pre.{k}": v for k, v in pre_scores.items()}, "n_edits": len(edited)}
-        per_record = [{"case_id": r.case_id, **post[r.case_id],
-                       **{f"pre.{k}": v for k, v in self.pre_records.get(r.case_id, {}).items()},
-                       **self.method.evaluator.info(self.env, r)} for r in edited]
+        result, per_record = self.scores.final(self.env, edited, self.independent, self.device)
+        self.final_scores = {k: v for k, v in result.items() if k in self.method.evaluator.keys}
         return result, per_record
+
+    @property
+    def post_records(self) -> dict:
+        return self.scores.post
 
     # -- checkpoints: only what changed ------------------------------------------------------
     def edited_weights(self) -> list[torch.Tensor]:
@@ -335,8 +284,8 @@ class EditModule(L.LightningModule):
         keep = set(self.edited_param_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         state = {"solver": self.solver.state_dict(), "context": self.context,
-                 "edited_ids": list(self.edited_ids), "pre_records": self.pre_records,
-                 "post_records": self.post_records,
+                 "edited_ids": list(self.edited_ids), "pre_records": self.scores.pre,
+                 "post_records": self.scores.post,
                  "n_removed": self.n_removed,
                  "model": self.model_name, "layers": self.layers,
                  "solver_class": type(self.solver).__name__,
@@ -365,8 +314,8 @@ class EditModule(L.LightningModule):
         self.context[:] = state["context"]  # in place: the method's Env holds this list
         self.edited_ids = list(state["edited_ids"])
         self.n_removed = int(state.get("n_removed", 0))
-        self.pre_records = state["pre_records"]
-        self.post_records = state.get("post_records", {})
+        self.scores.pre = state["pre_records"]
+        self.scores.post = state.get("post_records", {})
 
 
 def _path(obj) -> str:

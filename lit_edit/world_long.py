@@ -18,7 +18,8 @@ can be written to JSON and read back with the ``world_long`` reader.
 """
 from __future__ import annotations
 
-from lit_edit.world import NEUTRAL_FILLER, World, _rng, build_world
+from lit_edit.world import NEUTRAL_FILLER, World, build_world
+from lit_edit.world.generator import _rng
 
 QUESTION = "Tell me about {}."
 PARAPHRASES = (
@@ -174,7 +175,8 @@ def world_tokenizer(name: str, cache_dir=None):
     trained afresh (tokenizer training is deterministic and takes seconds), with nothing written
     to the cache.
     """
-    from lit_edit.world import PRESETS, _complete, resolve_world_name, train_tokenizer, world_dir
+    from lit_edit.world import PRESETS, resolve_world_name, train_tokenizer, world_dir
+    from lit_edit.world.cache import _complete
 
     preset = resolve_world_name(name)
     path = world_dir(preset, cache_dir)

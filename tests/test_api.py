@@ -28,7 +28,7 @@ def test_edit_records_returns_the_edited_model_and_metrics(tiny_world, tmp_path)
     # the model handed back is the edited one: scoring it again gives metrics.json's post-edit values
     module = result.module
     assert result.model is module.llm and result.tokenizer is module.tok
-    again = module.evaluate(module.edited_requests())
+    again = module.scores.mean(module.env, module.edited_requests())
     assert again == pytest.approx({k: result.metrics[k] for k in again})
 
 

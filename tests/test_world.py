@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lit_edit import world as W
+from lit_edit.world import cache as WC  # where ensure_world looks its builders up (monkeypatched here)
 from lit_edit.requests import EditRequest
 from lit_edit.world import (
     PRESETS,
@@ -250,8 +251,8 @@ def test_ensure_world_builds_atomically_and_reuses(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("must not rebuild")
 
-    monkeypatch.setattr(W, "_build_into", boom)
-    monkeypatch.setattr(W, "_train_model", boom)
+    monkeypatch.setattr(WC, "_build_into", boom)
+    monkeypatch.setattr(WC, "_train_model", boom)
     assert ensure_world(MICRO, cache_dir=tmp_path, verbose=False) == path
 
 
@@ -262,8 +263,8 @@ def test_build_uses_its_own_fixed_thread_count_and_leaves_the_callers(tmp_path, 
 
     monkeypatch.delenv("LIT_EDIT_WORLD_THREADS", raising=False)
     seen = []
-    real = W._train_model
-    monkeypatch.setattr(W, "_train_model", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    real = WC._train_model
+    monkeypatch.setattr(WC, "_train_model", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -287,7 +288,7 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(W, "_train_model", interrupted)
+    monkeypatch.setattr(WC, "_train_model", interrupted)
     spec = dataclasses.replace(MICRO, seed=7)
     with pytest.raises(KeyboardInterrupt):
         ensure_world(spec, cache_dir=tmp_path, verbose=False)
@@ -333,8 +334,8 @@ def test_tiny_world_is_reused_without_training(tiny_world, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the cached world must be reused, not rebuilt")
 
-    monkeypatch.setattr(W, "_build_into", boom)
-    monkeypatch.setattr(W, "_train_model", boom)
+    monkeypatch.setattr(WC, "_build_into", boom)
+    monkeypatch.setattr(WC, "_train_model", boom)
     assert os.environ["LIT_EDIT_CACHE"]  # set by the fixture
     assert ensure_world("tiny", verbose=False) == tiny_world
     assert ensure_world(resolve_world_name("world:tiny"), verbose=False) == tiny_world

@@ -1,0 +1,323 @@
+"""The resumable edit stream: :class:`StreamCursor`, :class:`EditLoader` and :class:`EditDataModule`."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Sampler
+
+from lit_edit.data.readers import READERS, read_requests
+from lit_edit.data.records import ZSRE_TARGET_FIELDS, _check_on_invalid
+from lit_edit.requests import EditRequest
+
+log = logging.getLogger("lit_edit.data")
+
+
+class StreamStateError(ValueError):
+    """A saved stream position does not fit the stream being read (the data or batching changed)."""
+
+
+def stream_fingerprint(requests: list[EditRequest]) -> str:
+    """A short hash of the stream's case ids, in order: changes if the data, order, split,
+    offset or limit changed, so a resumed run cannot silently continue on a different stream."""
+    digest = hashlib.sha256("\n".join(repr(r.case_id) for r in requests).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StreamCursor:
+    """How many batches of a stream have been applied.
+
+    Shared by the DataModule and every loader it builds, so both of Lightning's checkpoint paths
+    (the datamodule state and the train-dataloader state) save and restore the same number.
+    """
+
+    n_requests: int
+    batch_size: int
+    fingerprint: str
+    consumed: int = 0
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n_requests / self.batch_size)
+
+    def advance(self, n_batches: int = 1) -> None:
+        if n_batches < 0 or self.consumed + n_batches > self.n_batches:
+            raise ValueError(
+                f"cannot mark {n_batches} more batch(es) applied: {self.consumed} of {self.n_batches} already are"
+            )
+        self.consumed += n_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": self.consumed,
+            "n_requests": self.n_requests,
+            "batch_size": self.batch_size,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``consumed`` after checking the state was saved for this very stream.
+
+        It *sets* the position, so loading the same state twice (datamodule and loader paths)
+        is harmless.
+        """
+        if state.get("batch_size") != self.batch_size:
+            raise StreamStateError(
+                f"checkpoint was saved with batch_size={state.get('batch_size')}, this run has "
+                f"batch_size={self.batch_size}; resuming would regroup the edits"
+            )
+        if state.get("fingerprint") != self.fingerprint or state.get("n_requests") != self.n_requests:
+            raise StreamStateError(
+                f"checkpoint was saved for a different edit stream ({state.get('n_requests')} requests, "
+                f"fingerprint {state.get('fingerprint')}) than this one ({self.n_requests} requests, "
+                f"fingerprint {self.fingerprint}): dataset, path, split, offset or limit changed"
+            )
+        consumed = int(state["consumed"])
+        if not 0 <= consumed <= self.n_batches:
+            raise StreamStateError(f"saved position {consumed} is outside 0..{self.n_batches} batches")
+        self.consumed = consumed
+
+
+class _StreamBatchSampler(Sampler[list[int]]):
+    """Consecutive index batches, starting at the cursor's first unapplied batch.
+
+    ``len()`` is the full number of batches of the stream: on resume Lightning continues
+    ``batch_idx`` from its restored counter and ends the epoch on ``StopIteration``.
+    """
+
+    def __init__(self, cursor: StreamCursor):
+        self.cursor = cursor
+
+    def __len__(self) -> int:
+        return self.cursor.n_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Read the start now, not lazily: marking batches applied while iterating must not move
+        # an iteration that is already under way.
+        start, n, size = self.cursor.consumed, self.cursor.n_requests, self.cursor.batch_size
+        return (list(range(b * size, min((b + 1) * size, n))) for b in range(start, self.cursor.n_batches))
+
+
+def collate_requests(batch: list[EditRequest]) -> list[EditRequest]:
+    """A batch is just the list of requests: targets and tensors are built by the editing step."""
+    return list(batch)
+
+
+class EditLoader(DataLoader):
+    """In-order batches of requests that resume at the first unapplied batch.
+
+    Lightning saves ``state_dict()`` with the fit loop and calls ``load_state_dict()`` before it
+    creates the iterator, so the next ``iter()`` starts at the restored position. No shuffling,
+    no worker processes (the requests are tiny; the editing step is the work).
+    """
+
+    def __init__(self, requests: list[EditRequest], batch_size: int, cursor: StreamCursor | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if cursor is None:
+            cursor = StreamCursor(len(requests), batch_size, stream_fingerprint(requests))
+        if (cursor.n_requests, cursor.batch_size) != (len(requests), batch_size):
+            raise ValueError("cursor does not describe these requests and batch size")
+        super().__init__(
+            requests, batch_sampler=_StreamBatchSampler(cursor), collate_fn=collate_requests, num_workers=0
+        )
+        self.cursor = cursor
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
+# DataModule
+# --------------------------------------------------------------------------------------------
+
+
+class EditDataModule(L.LightningDataModule):
+    """The edit stream of a run: read once, batched in order, resumable mid-stream.
+
+    Args:
+        dataset: reader name, a key of :data:`READERS` (``"counterfact"``, ``"zsre"``, ``"world"``;
+            unstructured: ``"unke"``, ``"akew"``, ``"editeverything"``, ``"world_long"``, whose
+            batches hold :class:`~lit_edit.requests.UnstructuredRequest`).
+        path: local JSON/JSONL file or directory, hub id, or a world spec (``"world"``,
+            ``"world:tiny"``: the built-in synthetic fact world, generated on first use; for
+            ``"world_long"`` the long-form records are generated from the world's spec alone).
+        split: dataset split.
+        limit: number of requests in the stream (after ``offset``); ``None`` = all.
+        batch_size: edits per training step.
+        offset: skip the first ``offset`` requests (e.g. to edit records 1000..1999).
+        target_field: ZsRE only, ``"answers"`` (MEMIT) or ``"alt"`` (EasyEdit).
+        on_invalid: ``"raise"`` on an invalid record, or ``"skip"`` it with a logged warning. This also holds for
+            requests the model cannot run (longer than its context), which the editing module finds at set-up
+            and drops from the stream through :meth:`drop_requests`.
+
+    The editing callback must call :meth:`mark_applied` after each successfully applied batch;
+    that count is what checkpoints save and what a resumed run starts from.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "world",
+        path: str = "world",
+        split: str = "train",
+        limit: int | None = None,
+        batch_size: int = 20,
+        offset: int = 0,
+        target_field: str = "answers",
+        on_invalid: str = "raise",
+    ):
+        super().__init__()
+        if dataset not in READERS:
+            raise ValueError(f"unknown edit dataset {dataset!r}; known: {sorted(READERS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+        if target_field not in ZSRE_TARGET_FIELDS:
+            raise ValueError(f"target_field must be one of {ZSRE_TARGET_FIELDS}, got {target_field!r}")
+        _check_on_invalid(on_invalid)
+        self.save_hyperparameters()
+        self.dataset, self.path, self.split, self.limit = dataset, path, split, limit
+        self.batch_size, self.offset = batch_size, offset
+        self.target_field, self.on_invalid = target_field, on_invalid
+        self.requests: list[EditRequest] = []
+        self._cursor: StreamCursor | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the stream once; later calls (every ``fit``, every stage) keep it and its position. Every call hands
+        it to the module being fitted."""
+        if self._cursor is None:
+            self._read_and_position()
+        self._hand_over()
+
+    def _read_and_position(self) -> None:
+        self.requests = self._read_stream()
+        if not self.requests:
+            raise ValueError(
+                f"the edit stream is empty ({self.dataset} at {self.path!r}, split={self.split!r}, "
+                f"offset={self.offset}, limit={self.limit})"
+            )
+        self._cursor = StreamCursor(len(self.requests), self.batch_size, stream_fingerprint(self.requests))
+        if self._pending_state is not None:
+            self._cursor.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def _hand_over(self) -> None:
+        """Give the stream to the module being fitted (its ``connect``), with the record policy and the way to drop
+        a request that does not fit the model."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and callable(getattr(module, "connect", None)):
+            settings = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+            module.connect(self.requests, self.on_invalid, self.drop_requests, settings)
+
+    def _read_stream(self) -> list[EditRequest]:
+        """Requests ``offset .. offset+limit`` of the reader's output.
+
+        The reader is asked for ``offset + limit`` records: every record yields at least one
+        request, so that is enough, and it spares reading a hub split's tail for nothing.
+        """
+        options: dict[str, Any] = {"on_invalid": self.on_invalid}
+        if self.dataset == "zsre":
+            options["target_field"] = self.target_field
+        read_limit = None if self.limit is None else self.offset + self.limit
+        requests = read_requests(self.dataset, self.path, split=self.split, limit=read_limit, **options)
+        end = None if self.limit is None else self.offset + self.limit
+        return requests[self.offset : end]
+
+    # -- position ------------------------------------------------------------------------------
+
+    @property
+    def consumed(self) -> int:
+        """Number of batches whose edits have been applied (0 before :meth:`setup`)."""
+        if self._cursor is not None:
+            return self._cursor.consumed
+        return int(self._pending_state["consumed"]) if self._pending_state else 0
+
+    @property
+    def n_batches(self) -> int:
+        return self._require_cursor().n_batches
+
+    def mark_applied(self, n_batches: int = 1) -> None:
+        """Record that the next ``n_batches`` batches of the stream have been edited into the model."""
+        self._require_cursor().advance(n_batches)
+
+    def drop_requests(self, case_ids) -> None:
+        """Drop requests from the stream after :meth:`setup`, before any batch is applied.
+
+        For checks that need the model, which the data module does not have: with ``on_invalid="skip"``,
+        :meth:`lit_edit.module.EditModule.validate_lengths` drops the requests that do not fit its context here, in
+        ``configure_model``. The cursor is rebuilt on the filtered stream, so checkpoints save *its* size and
+        fingerprint. Lightning calls ``configure_model`` before it restores a checkpoint's stream position, so a
+        resumed run filters the same way first and then finds the same stream; had it dropped other requests
+        (another model or tokenizer), the fingerprint check refuses the resume (:class:`StreamStateError`).
+        """
+        cursor = self._require_cursor()
+        if cursor.consumed:
+            raise RuntimeError(f"cannot drop requests from the edit stream: {cursor.consumed} batch(es) of it are "
+                               "already applied")
+        drop = set(case_ids)
+        unknown = drop - {r.case_id for r in self.requests}
+        if unknown:
+            raise ValueError(f"cannot drop case ids that are not in the edit stream: {sorted(map(repr, unknown))}")
+        kept = [r for r in self.requests if r.case_id not in drop]
+        if not kept:
+            raise ValueError(f"the edit stream is empty: all {len(self.requests)} requests were dropped as invalid "
+                             f"({self.dataset} at {self.path!r}, split={self.split!r}, offset={self.offset}, "
+                             f"limit={self.limit})")
+        if len(kept) < len(self.requests):
+            log.warning("dropped %d of %d requests from the edit stream; it now has %d", len(self.requests) - len(kept),
+                        len(self.requests), len(kept))
+        self.requests = kept
+        self._cursor = StreamCursor(len(kept), self.batch_size, stream_fingerprint(kept))
+
+    def _require_cursor(self) -> StreamCursor:
+        if self._cursor is None:
+            raise RuntimeError("EditDataModule.setup() has not been called yet")
+        return self._cursor
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> EditLoader:
+        """Batches of ``batch_size`` consecutive requests, starting at the first unapplied one."""
+        self._check_no_distributed_sampler()
+        return EditLoader(self.requests, self.batch_size, cursor=self._require_cursor())
+
+    def _check_no_distributed_sampler(self) -> None:
+        """Fail early, with the fix, if Lightning is about to re-shard our loader across ranks."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+            raise RuntimeError(
+                "EditDataModule batches the edit stream itself and every rank must see the same batch: "
+                "use Trainer(use_distributed_sampler=False)"
+            )
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position, saved by Lightning under the datamodule's checkpoint key."""
+        if self._cursor is not None:
+            return self._cursor.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the position; before :meth:`setup` it is kept and checked when the stream is read."""
+        if not state_dict:
+            return
+        if self._cursor is not None:
+            self._cursor.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)

@@ -1,0 +1,60 @@
+"""How a run scores requests on the current model, with the method's evaluator (``lit_edit.methods``).
+
+Under DDP each rank scores its shard of the requests and the torchmetrics states (sums and counts) are reduced by
+``compute()``, so every method here is a collective: call it on every rank. :class:`Scores` also keeps what the
+final metrics need: the pre-edit scores of the stream and, in independent runs, each request's scores right after
+its own batch (both checkpointed by the module).
+"""
+from __future__ import annotations
+
+from lit_edit import distributed as dist
+from lit_edit.metrics import compute_metrics, make_metrics, update_metrics
+
+
+class Scores:
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+        self.pre: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
+        self.post: dict = {}  # independent runs: case_id -> scores right after its own batch
+        self.batch_metrics = make_metrics(keys=evaluator.keys)
+
+    def records(self, env, requests: list) -> dict:
+        """case_id -> scores of ``requests``; each rank scores its shard and every rank gets the union."""
+        mine = [requests[i] for i in dist.shard(len(requests))]
+        scores = self.evaluator.scores(env, mine) if mine else []
+        parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], scores)))
+        return dict(pair for part in parts for pair in part)
+
+    def mean(self, env, requests: list, scores: list[dict] | None = None, metrics=None, device=None) -> dict:
+        """Mean scores of ``requests`` (or of precomputed per-record ``scores``)."""
+        keys = self.evaluator.keys
+        metrics = make_metrics(keys=keys).to(device) if metrics is None else metrics
+        metrics.reset()
+        if scores is None:
+            mine = [requests[i] for i in dist.shard(len(requests))]
+            scores = self.evaluator.scores(env, mine) if mine else []
+        else:
+            scores = [scores[i] for i in dist.shard(len(scores))]
+        update_metrics(metrics, scores)
+        return compute_metrics(metrics, keys)
+
+    def batch(self, env, writes: list, independent: bool, device) -> dict:
+        """The scores of a batch right after its write (independent runs keep them per record: they are the final
+        metrics)."""
+        if not independent:
+            return self.mean(env, writes, metrics=self.batch_metrics.to(device))
+        got = self.records(env, writes)
+        self.post.update(got)
+        return self.mean(env, [], [got[r.case_id] for r in writes], metrics=self.batch_metrics.to(device))
+
+    def final(self, env, edited: list, independent: bool, device) -> tuple[dict, list[dict]]:
+        """The final metrics over the live edits with their pre-edit values, and the per-record scores."""
+        post = self.post if independent else self.records(env, edited)
+        final = self.mean(env, [], [post[r.case_id] for r in edited], device=device)
+        pre = [self.pre[r.case_id] for r in edited if r.case_id in self.pre]
+        pre_scores = self.mean(env, [], pre, device=device) if pre else {}
+        result = {**final, **{f"pre.{k}": v for k, v in pre_scores.items()}, "n_edits": len(edited)}
+        per_record = [{"case_id": r.case_id, **post[r.case_id],
+                       **{f"pre.{k}": v for k, v in self.pre.get(r.case_id, {}).items()},
+                       **self.evaluator.info(env, r)} for r in edited]
+        return result, per_record
