@@ -80,11 +80,10 @@ METHODS = {
 
 # The equivalence runs in float64 (the world model loaded with --model.dtype float64). Why: a rank optimises its
 # shard's targets in a smaller batch than one process does, and batch shape changes the blocking of the batched
-# matmuls and so the rounding. In float32 that is ~1e-7 relative per forward, amplified by 10-40 inner Adam steps to
-# 4.4e-5 in the weights on one machine and under 1e-5 on another (μKE) - a bound on float32 would be a bound on the
-# machine. In float64 the same effect is ~1e-16 relative; measured max |Δw| 1.9e-13 (μKE) and 0 (AlphaEdit). The
-# bound 1e-9 is 4 orders above that and ~7 below what a real sharding bug does (a request dropped or applied twice
-# moves the weights by > 1e-2).
+# matmuls and so the rounding (float32 unit roundoff 6e-8), which 10-40 inner Adam steps amplify: with float32 the
+# μKE case was reported at max |Δw| 4.4e-5 on one machine (issue 14) and stayed under 1e-5 on this one, so a float32
+# bound would be a bound on the machine. In float64 (unit roundoff 1e-16) the measured max |Δw| is 1.9e-13 (μKE) and
+# 0 (AlphaEdit); the bound 1e-9 leaves four orders of magnitude above that.
 FLOAT64 = ["--model.dtype", "float64"]
 BOUND = 1e-9
 

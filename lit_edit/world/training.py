@@ -236,8 +236,8 @@ def build_threads() -> int:
 
     A fixed count makes the build reproducible: CPU reductions split across threads round differently, so the same
     seed trained with 1 and 2 threads gave weights differing by up to 0.03 (tiny preset), while equal counts gave
-    bit-identical weights. One thread is also the fast choice on a loaded machine (the tiny world took over 15 min
-    with one thread per core on a busy 2-core machine, 57 s with one). The count is recorded in report.json."""
+    bit-identical weights. One thread is also the safe choice on a loaded machine, where threads that wait for a busy
+    core slow training down. The count is recorded in report.json."""
     raw = os.environ.get("LIT_EDIT_WORLD_THREADS", "1")
     try:
         n = int(raw)
