@@ -41,7 +41,7 @@ from lit_edit.editing import capture_at
 from lit_edit.hooks import capture_inputs, capture_outputs, rewrite_output
 from lit_edit.layouts import block_module, edited_module
 from lit_edit.requests import MUKE_TEMPLATES
-from lit_edit.targets import adam_rows, hidden_size, label_logprobs, opt_dtype, weight_decay_term
+from lit_edit.targets import adam_rows, descend_rows, hidden_size, label_logprobs, opt_dtype, weight_decay_term
 from lit_edit.tokens import pad_batch
 from lit_edit.windows import (ON_MISMATCH, WindowedSequence, _check_windows, memory_positions,  # noqa: F401
                               split_windows, tokenize_unstructured, windowed)
@@ -225,33 +225,24 @@ def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
 
 
 def _optimise_rows(model, block, rows: _Rows, cfg: WindowConfig, d: int):
-    """The §2 loop without KL for one window step: per-row Adam, clamp, early stop, last iteration no step."""
-    B, dev, dt = rows.ids.shape[0], rows.ids.device, rows.norm.dtype
-    delta = torch.zeros(B, d, device=dev, dtype=dt, requires_grad=True)
-    m, v = torch.zeros(B, d, device=dev, dtype=dt), torch.zeros(B, d, device=dev, dtype=dt)
-    steps = torch.zeros(B, dtype=torch.long, device=dev)
-    h_init = torch.zeros(B, d, device=dev, dtype=dt)
-    loss, nll_out = torch.zeros(B, device=dev, dtype=dt), torch.zeros(B, device=dev, dtype=dt)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    last = cfg.v_num_grad_steps - 1
-    for it in range(cfg.v_num_grad_steps):
-        sel = active.nonzero()[:, 0]
-        delta.grad = None
+    """The §2 loop without KL for one window step (:func:`~lit_edit.targets.descend_rows`): per-row Adam, clamp,
+    early stop, last iteration no step."""
+    dt = rows.norm.dtype
+
+    def losses(it: int, sel: torch.Tensor, st, backward: bool) -> None:
         record = {} if it == 0 else None
-        logits = _forward(model, block, rows, sel, delta, record)
+        logits = _forward(model, block, rows, sel, st.delta, record)
         if record is not None:
-            h_init[sel] = record["h"]
+            st.h_init[sel] = record["h"]
         nll = weighted_nll(logits, rows.labels[sel], rows.weights[sel], rows.norm[sel], dt)
-        total = nll + weight_decay_term(delta[sel], h_init[sel], cfg.v_weight_decay)
-        loss[sel], nll_out[sel] = total.detach(), nll.detach()
-        if it < last:
+        total = nll + weight_decay_term(st.delta[sel], st.h_init[sel], cfg.v_weight_decay)
+        st.loss[sel], st.nll[sel] = total.detach(), nll.detach()
+        if backward:
             total.sum().backward()
-        active &= ~(loss < cfg.early_stop_loss)  # §8.2 early stop, per request
-        if it == last or not active.any():
-            break
-        adam_rows(delta, delta.grad, m, v, steps, active, cfg.v_lr,
-                  cfg.clamp_norm_factor * h_init[active].norm(dim=-1, keepdim=True))  # clamp c · ‖h_init‖
-    return delta.detach(), h_init, loss, nll_out, steps
+
+    st = descend_rows(rows.ids.shape[0], d, rows.ids.device, dt, cfg.v_num_grad_steps, cfg.v_lr,
+                      cfg.clamp_norm_factor, cfg.early_stop_loss, losses)
+    return st.delta, st.h_init, st.loss, st.nll, st.steps
 
 
 def compute_affinities(model, layout, layer: int, requests: list[WindowedSequence], cfg: WindowConfig,

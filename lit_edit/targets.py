@@ -191,56 +191,80 @@ def request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, 
     return nll, kl
 
 
+@dataclass
+class RowDescent:
+    """The state of a per-row descent (:func:`descend_rows`): δ and, per row, h_init, the last loss and NLL, and
+    the Adam step count."""
+
+    delta: torch.Tensor
+    h_init: torch.Tensor
+    loss: torch.Tensor
+    nll: torch.Tensor
+    steps: torch.Tensor
+    history: list[float]
+
+
+def descend_rows(n: int, d: int, device, dtype, n_steps: int, lr: float, clamp_norm_factor: float,
+                 early_stop_loss: float, losses) -> RowDescent:
+    """The §2 loop shared by v* and the window targets (§8.2): each of ``n`` rows has its own δ (d-dimensional,
+    from 0) and Adam state; per iteration ``losses(it, active, state, backward)`` fills ``state.loss`` /
+    ``state.nll`` of the active rows (and ``state.h_init`` at it = 0) and, when ``backward``, backpropagates their
+    total into ``state.delta.grad``. A row stops once its loss is below ``early_stop_loss`` (§2.8); the last
+    iteration only evaluates; after each step δ is clamped to ‖δ‖ ≤ clamp_norm_factor · ‖h_init‖."""
+    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+    state = RowDescent(zeros(n, d).requires_grad_(True), zeros(n, d), zeros(n), zeros(n),
+                       torch.zeros(n, dtype=torch.long, device=device), [])
+    m, v = zeros(n, d), zeros(n, d)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    last = n_steps - 1
+    for it in range(n_steps):
+        act_idx = active.nonzero()[:, 0]
+        state.delta.grad = None
+        losses(it, act_idx, state, it < last)
+        state.history.append(state.loss[act_idx].mean().item())
+        active &= ~(state.loss < early_stop_loss)  # §2.8: stop a row once its loss is below the threshold
+        if it == last or not active.any():
+            break
+        adam_rows(state.delta, state.delta.grad, m, v, state.steps, active, lr,
+                  clamp_norm_factor * state.h_init[active].norm(dim=-1, keepdim=True))
+    state.delta = state.delta.detach()
+    return state
+
+
 def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetConfig) -> TargetResult:
     """Batched §2 loop: per-request Adam (betas 0.9/0.999, eps 1e-8, as torch.optim.Adam), clamp, early stop."""
     block = block_module(model, layout, layer)
     dev = next(model.parameters()).device
     n, d = batch.n, hidden_size(model)
     dt = opt_dtype(model)
-    delta = torch.zeros(n, d, device=dev, dtype=dt, requires_grad=True)
-    m, v = torch.zeros(n, d, device=dev, dtype=dt), torch.zeros(n, d, device=dev, dtype=dt)
-    steps = torch.zeros(n, dtype=torch.long, device=dev)
-    h_init = torch.zeros(n, d, device=dev, dtype=dt)
-    kl_ref = torch.zeros(n, 1, device=dev, dtype=dt)
-    active = torch.ones(n, dtype=torch.bool, device=dev)
-    loss = torch.zeros(n, device=dev, dtype=dt)
-    nll_out = torch.zeros(n, device=dev, dtype=dt)
-    history: list[float] = []
+    kl_ref = [torch.zeros(n, 1, device=dev, dtype=dt)]  # the reference distributions, recorded at it = 0
     chunk = cfg.chunk_size or n
 
-    for it in range(cfg.v_num_grad_steps):
-        act_idx = active.nonzero()[:, 0].cpu()
-        delta.grad = None
+    def losses(it: int, act_idx: torch.Tensor, st: RowDescent, backward: bool) -> None:
+        act_idx = act_idx.cpu()
         for c0 in range(0, len(act_idx), chunk):
             reqs = act_idx[c0 : c0 + chunk]
             rows = torch.isin(batch.req, reqs).nonzero()[:, 0]
             record = {} if it == 0 else None
-            nll, kl = request_losses(model, block, batch, rows, delta, kl_ref, cfg, record)
+            nll, kl = request_losses(model, block, batch, rows, st.delta, kl_ref[0], cfg, record)
             if record is not None:
                 r_idx, h = record["h_init"]
-                h_init[r_idx.to(dev)] = h
+                st.h_init[r_idx.to(dev)] = h
                 k_idx, k = record["kl_ref"]
-                if kl_ref.shape[1] != k.shape[1]:
-                    kl_ref = torch.zeros(n, k.shape[1], device=dev, dtype=dt)
-                kl_ref[k_idx.to(dev)] = k
+                if kl_ref[0].shape[1] != k.shape[1]:
+                    kl_ref[0] = torch.zeros(n, k.shape[1], device=dev, dtype=dt)
+                kl_ref[0][k_idx.to(dev)] = k
                 kl = torch.zeros_like(kl)  # δ = 0 on the first pass, so KL is exactly zero
-            wd = weight_decay_term(delta, h_init, cfg.v_weight_decay)
-            total = nll + cfg.kl_factor * kl + wd
+            total = nll + cfg.kl_factor * kl + weight_decay_term(st.delta, st.h_init, cfg.v_weight_decay)
             sel = reqs.to(dev)
-            loss[sel] = total[sel].detach()
-            nll_out[sel] = nll[sel].detach()
-            if it < cfg.v_num_grad_steps - 1:
+            st.loss[sel] = total[sel].detach()
+            st.nll[sel] = nll[sel].detach()
+            if backward:
                 total[sel].sum().backward()
-        history.append(loss[act_idx.to(dev)].mean().item())
-        active &= ~(loss < cfg.early_stop_loss)  # §2.8: stop a request once its loss is below the threshold
-        if it == cfg.v_num_grad_steps - 1 or not active.any():
-            break
-        # clamp: ‖δ‖ ≤ clamp_norm_factor · ‖h_init‖ (rescale onto the sphere)
-        adam_rows(delta, delta.grad, m, v, steps, active, cfg.v_lr,
-                  cfg.clamp_norm_factor * h_init[active].norm(dim=-1, keepdim=True))
 
-    delta = delta.detach()
-    return TargetResult(h_init + delta, h_init, delta, loss, nll_out, steps.cpu(), history)
+    st = descend_rows(n, d, dev, dt, cfg.v_num_grad_steps, cfg.v_lr, cfg.clamp_norm_factor, cfg.early_stop_loss,
+                      losses)
+    return TargetResult(st.h_init + st.delta, st.h_init, st.delta, st.loss, st.nll, st.steps.cpu(), st.history)
 
 
 def compute_targets(model, tok, layout, layer: int, requests: list[EditRequest], context_templates: list[str],
