@@ -1,7 +1,7 @@
 """Construction-time checks of configuration values: one place for the rules and their wording.
 
 Every check raises ``ValueError("<name> must be <rule>, got <value>[ (<note>)]")``, where ``name`` is the setting
-as the user writes it (``model.targets.v_lr``, ``solver AlphaEdit: L2``) and ``note`` an optional pointer (the
+as the user writes it (``model.method.init_args.v_lr``, ``solver AlphaEdit: L2``) and ``note`` an optional pointer (the
 setting's YAML path). Booleans never pass as numbers (``True`` is an ``int`` to Python); an ``int`` passes where
 a real number is expected. The checks return the value unchanged.
 """

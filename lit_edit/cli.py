@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_edit.data import EditDataModule
 from lit_edit.module import EditModule
-from lit_edit.runs import CHECKPOINTS
+from lit_edit.runs import checkpoint_run_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 # loggers whose run directory is save_dir/name/version (a resume points them back at its checkpoint's directory)
@@ -102,7 +102,7 @@ class EditCLI(LightningCLI):
     """LightningCLI with the strictness an editing run needs.
 
     * Only ``fit`` is offered: an editing run is a fit; the other loops have no steps defined.
-    * No abbreviated option names: ``--model.targets.v_num_grad_step`` is an error, not ``v_num_grad_steps``.
+    * No abbreviated option names: ``--model.method.init_args.v_num_grad_step`` is an error, not ``v_num_grad_steps``.
     * On ``--ckpt_path`` the command line and config files are what the run uses. (LightningCLI's default copies
       the checkpoint's hyper-parameters over them without a word.) ``EditModule.on_load_checkpoint`` then
       compares every setting that changes the result with the checkpoint's and stops on a difference.
@@ -131,12 +131,11 @@ class EditCLI(LightningCLI):
         cfg = self.config.get(self.config.get("subcommand") or "", None)
         if cfg is None or not cfg.get("ckpt_path"):
             return
-        ckpt = Path(cfg["ckpt_path"]).expanduser().resolve()
+        run_dir = checkpoint_run_dir(Path(cfg["ckpt_path"]).expanduser(), None)  # None unless <run_dir>/checkpoints/
         logger = cfg["trainer"].get("logger")
-        if ckpt.parent.name != CHECKPOINTS or logger is None or isinstance(logger, (bool, list)):
+        if run_dir is None or logger is None or isinstance(logger, (bool, list)):
             return
         if logger.get("class_path") in _VERSIONED_LOGGERS:
-            run_dir = ckpt.parent.parent
             logger.init_args.save_dir = str(run_dir.parent.parent)
             logger.init_args.name = run_dir.parent.name
             logger.init_args.version = run_dir.name

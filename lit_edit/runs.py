@@ -263,7 +263,7 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
 def compare_settings(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str],
                      ckpt_path: str | None) -> list[tuple[str, Any, Any]]:
     """Raise :class:`CheckpointError` naming every changed setting not in ``allowed`` (a setting or a prefix of
-    settings, e.g. ``model.targets``); return the allowed changes (the caller reports them)."""
+    settings, e.g. ``model.method``); return the allowed changes (the caller reports them)."""
     allowed = list(allowed)
     ok = lambda key: any(key == a or key.startswith(a + ".") for a in allowed)  # noqa: E731
     changes = changed_settings(saved, current)
