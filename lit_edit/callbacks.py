@@ -45,7 +45,9 @@ class ClosedFormEdit(L.Callback):
         if plan.writes:
             plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
         plan.stats = stats
-        m.record_applied(plan, stats)
+        m.edits.record(plan.requests, stats.dropped)
+        if plan.writes:  # the batch's scores on the model as written (RunRecord logs them)
+            plan.batch_scores = m.scores.batch(m.env, plan.writes, m.independent, m.device)
         if m.sync_check_every_n_steps and trainer.global_step % m.sync_check_every_n_steps == 0:
             dist.assert_in_sync(m.edited_weights(), f"edited weights after step {trainer.global_step}")
         if m.independent:
@@ -149,8 +151,16 @@ def log_step(trainer, m, plan) -> None:
     diagnostics, the batch's scores, the live edit count, every ``eval_every_n_steps`` the retention evaluation
     over all live edits (a collective under DDP), and the step's time."""
     n, stats = len(plan.requests), plan.stats
+    if plan.targets is not None:
+        res = plan.targets
+        logs = {"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(), "targets/steps": res.steps.float().mean(),
+                "targets/delta_norm": res.delta.norm(dim=-1).mean()}
+        if m.method.row_name:
+            logs[f"targets/{m.method.row_name}"] = float(len(res.loss))
+        m.log_dict(logs, batch_size=len(plan.writes))
+        log_info(trainer, m, plan.info, len(plan.writes))
     if stats.dropped:
-        m.log("n_removed", float(m.n_removed), batch_size=n)
+        m.log("n_removed", float(m.edits.n_removed), batch_size=n)
     for name, per_layer in (("residual_norm", stats.residual_norm), ("delta_norm", stats.update_norm),
                             ("forget_norm", stats.forget_norm), ("regularizer_change", stats.regularizer_change)):
         for l, v in per_layer.items():
@@ -158,7 +168,7 @@ def log_step(trainer, m, plan) -> None:
     for k, v in m.solver.describe().items():
         m.log(f"solver/{k}", float(v), batch_size=n)
     if plan.writes:
-        m.log_info(plan.info.get("after_write", {}), len(plan.writes))
+        log_info(trainer, m, plan.info.get("after_write", {}), len(plan.writes))
         m.log_dict({f"batch/{k}": v for k, v in plan.batch_scores.items()}, batch_size=len(plan.writes), prog_bar=True)
     m.log("n_edits", float(len(m.edited_ids)), batch_size=n)
     step = trainer.global_step
@@ -169,6 +179,16 @@ def log_step(trainer, m, plan) -> None:
         if m.logger is not None and trainer.is_global_zero:
             m.logger.log_metrics({f"edited/{k}": v for k, v in scores.items()}, step=step)
     m.log("time/step_seconds", time.perf_counter() - plan.started, batch_size=n)
+
+
+def log_info(trainer, m, info: dict, n: int) -> None:
+    """Scalars and histograms a method reports (``logs``, ``histograms``)."""
+    if info.get("logs"):
+        m.log_dict(info["logs"], batch_size=n)
+    exp = getattr(m.logger, "experiment", None)
+    if info.get("histograms") and hasattr(exp, "add_histogram") and trainer.is_global_zero:
+        for k, v in info["histograms"].items():
+            exp.add_histogram(k, v.detach().float().cpu(), trainer.global_step)
 
 
 def ledger_lines(plan, stats: StepStats, step: int, m) -> list[dict]:

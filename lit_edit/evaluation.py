@@ -58,3 +58,26 @@ class Scores:
                        **{f"pre.{k}": v for k, v in self.pre.get(r.case_id, {}).items()},
                        **self.evaluator.info(env, r)} for r in edited]
         return result, per_record
+
+
+class LiveEdits:
+    """The edits live in the model, in the order they were applied: a replaced or removed fact leaves the set."""
+
+    def __init__(self) -> None:
+        self.requests: dict = {}  # case_id -> request of the stream
+        self.ids: list = []
+        self.n_removed = 0
+
+    def connect(self, requests: list) -> None:
+        self.requests = {r.case_id: r for r in requests}
+
+    def record(self, requests: list, dropped: list[str]) -> None:
+        """After a successful write of ``requests``: ``dropped`` are the fact ids the solver forgot or replaced."""
+        if dropped:
+            gone = set(dropped)
+            self.ids = [i for i in self.ids if self.requests[i].fact_id not in gone]
+            self.n_removed += sum(r.op == "remove" for r in requests)
+        self.ids.extend(r.case_id for r in requests if r.writes)
+
+    def edited(self) -> list:
+        return [self.requests[i] for i in self.ids]

@@ -21,9 +21,10 @@ from lit_edit.callbacks import ClosedFormEdit, RunRecord
 from lit_edit.editing import StepStats
 from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.methods import Columns, Env, TargetMethod, VStar
-from lit_edit.evaluation import Scores
+from lit_edit.data.lengths import fitting_requests
+from lit_edit.evaluation import LiveEdits, Scores
 from lit_edit.models import generate_context_templates, load_model
-from lit_edit.requests import EditRequest, EditRequestError
+from lit_edit.requests import EditRequest
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, layer_stats
 from lit_edit.targets import TargetResult, hidden_size, opt_dtype
@@ -107,9 +108,8 @@ class EditModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None
+        self.edits = LiveEdits()  # the edits live in the model, in order (lit_edit.evaluation)
         self.connect([])
-        self.edited_ids: list = []  # live edits in order (replaced or removed facts leave it)
-        self.n_removed = 0
         self.context: list[str] = []
         self.scores = Scores(self.method.evaluator)  # pre-edit, per-batch and final scores (lit_edit.evaluation)
         self.final_scores: dict[str, float] = {}
@@ -122,6 +122,7 @@ class EditModule(L.LightningModule):
         stream's settings (``data.*``, compared on resume)."""
         self.requests, self._on_invalid, self._drop = list(requests), on_invalid, drop
         self._data_settings = dict(settings or {})
+        self.edits.connect(self.requests)
 
     def configure_model(self) -> None:
         """Load the LLM and everything measured on the *unedited* model (context templates, C0, pre metrics).
@@ -137,33 +138,12 @@ class EditModule(L.LightningModule):
         self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
         self.env = Env(self.llm, self.tok, self.layout, self.layers, self.context, self.solver)
         self.method.bind(self.env)
-        self.requests = self.validate_lengths(self.requests)
+        self.connect(fitting_requests(self.method, self.requests, self._on_invalid, self._drop), self._on_invalid,
+                     self._drop, self._data_settings)
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
             self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes])
-
-    def validate_lengths(self, requests: list) -> list:
-        """Every request is of the method's kind, and every sequence it is edited or scored with fits the model's
-        context (before any edit). A request that does not fit follows the data module's ``on_invalid``: "raise"
-        (also without a data module) stops with an EditRequestError naming case id, field and both lengths;
-        "skip" logs it and drops it here *and* from the data module's stream (``drop_requests``), so the batches
-        and the checkpointed stream fingerprint are those of the filtered stream. Returns the requests kept."""
-        want = self.method.request_type
-        bad = next((r for r in requests if not isinstance(r, want)), None)
-        if bad is not None:
-            hint = ("use a long-form method (model.method: lit_edit.methods.Windows) for unstructured data"
-                    if want is EditRequest else "use an unstructured reader")
-            raise EditRequestError(bad.case_id, "question" if want is EditRequest else "prompt",
-                                   f"a {type(bad).__name__} in a run whose method edits {want.__name__}s: {hint}")
-        writes = [r for r in requests if r.writes]  # removals are neither edited nor scored
-        fits = self.method.check_lengths(writes, self._on_invalid)
-        if len(fits) == len(writes):
-            return requests
-        kept = {r.case_id for r in fits}  # case ids are unique in a stream (check_unique_case_ids)
-        if self._drop is not None:
-            self._drop([r.case_id for r in writes if r.case_id not in kept])
-        return [r for r in requests if not r.writes or r.case_id in kept]
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
@@ -181,87 +161,42 @@ class EditModule(L.LightningModule):
     # -- the step -------------------------------------------------------------------------
     def training_step(self, batch: list, batch_idx: int):
         """The targets of the batch's writes, from the method. Under DDP every rank gets the same global batch,
-        optimises the targets of its shard (:func:`lit_edit.distributed.shard`) and gathers everyone's, in the
-        global order; a refinement (MetaKE) then sees all of them."""
+        optimises the targets of its shard (:func:`lit_edit.distributed.shard_targets`) and gathers everyone's, in
+        the global order; a refinement (MetaKE) then sees all of them."""
         started = time.perf_counter()
         writes = [r for r in batch if r.writes]  # removals need no target
         columns = self.method.columns(writes)
-        res, own = self.shard_targets(batch, columns) if writes else (None, [])
+        d = hidden_size(self.llm)
+        res, own = (dist.shard_targets(self.method, batch, columns, d, opt_dtype(self.llm), self.device)
+                    if writes else (None, []))
         # Lightning counts global_step through optimizer steps; with no optimizer it hands us a mock one whose
         # step() must be called inside training_step (ModelCheckpoint/max_steps read global_step).
         self.optimizers().step()
-        Z, info = torch.zeros(0, hidden_size(self.llm), device=self.device), {}
+        Z, info = torch.zeros(0, d, device=self.device), {}
         if res is not None:
             Z, info = self.method.refine(columns, writes, res, own if dist.is_distributed() else None)
-            self.log_info(info, len(writes))
         return {"plan": EditPlan(batch, Z, res, columns, started, info)}
 
-    def shard_targets(self, batch: list, columns: Columns) -> tuple[TargetResult, list[int]]:
-        """The targets of all writes of ``batch`` (the rows ``columns.rows`` of each), of which this rank optimises
-        its shard; returns them in the global order and the indices (among the writes) of this rank's own."""
-        write_pos = [i for i, r in enumerate(batch) if r.writes]
-        n_rows = [len(rows) for rows in columns.rows]
-        shards = [dist.shard(len(batch), r=r) for r in range(dist.world_size())]
-        own = [j for j, i in enumerate(write_pos) if i in shards[dist.rank()]]
-        capacity = max(sum(n for n, i in zip(n_rows, write_pos) if i in sh) for sh in shards)  # gather width
-        local = None
-        if own:
-            with torch.enable_grad():
-                local = self.method.optimise(columns, own)
-        res = dist.gather_targets(local, capacity, hidden_size(self.llm), opt_dtype(self.llm), self.device)
-        logs = {"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(), "targets/steps": res.steps.float().mean(),
-                "targets/delta_norm": res.delta.norm(dim=-1).mean()}
-        if self.method.row_name:
-            logs[f"targets/{self.method.row_name}"] = float(len(res.loss))
-        self.log_dict(logs, batch_size=len(write_pos))
-        return res, own
+    @property
+    def edited_ids(self) -> list:
+        return self.edits.ids
 
-    def log_info(self, info: dict, n: int) -> None:
-        """Scalars and histograms a method reports (``logs``, ``histograms``)."""
-        if info.get("logs"):
-            self.log_dict(info["logs"], batch_size=n)
-        exp = getattr(self.logger, "experiment", None)
-        if info.get("histograms") and hasattr(exp, "add_histogram") and self.trainer.is_global_zero:
-            for k, v in info["histograms"].items():
-                exp.add_histogram(k, v.detach().float().cpu(), self.global_step)
-
-    def record_applied(self, plan: EditPlan, stats: StepStats) -> None:
-        """Called by ClosedFormEdit after a successful write: the live edit set, and the batch's scores on the model as
-        written (``plan.batch_scores``; RunRecord logs them)."""
-        if stats.dropped:  # replaced or forgotten facts leave the set of live edits
-            dropped = set(stats.dropped)
-            by_id = {r.case_id: r for r in self.requests}
-            self.edited_ids = [i for i in self.edited_ids if by_id[i].fact_id not in dropped]
-            self.n_removed += sum(r.op == "remove" for r in plan.requests)
-        self.edited_ids.extend(r.case_id for r in plan.writes)
-        if plan.writes:
-            plan.batch_scores = self.scores.batch(self.env, plan.writes, self.independent, self.device)
-
-    def edited_requests(self) -> list[EditRequest]:
-        by_id = {r.case_id: r for r in self.requests}
-        return [by_id[i] for i in self.edited_ids]
+    def edited_requests(self) -> list:
+        return self.edits.edited()
 
     def final_evaluation(self) -> tuple[dict, list[dict]] | None:
         """The final metrics over the live edits (with their pre-edit values) and the per-record scores; None when
         nothing was edited. Collective under DDP."""
-        edited = self.edited_requests()
+        edited = self.edits.edited()
         if not edited:
             return None
         result, per_record = self.scores.final(self.env, edited, self.independent, self.device)
         self.final_scores = {k: v for k, v in result.items() if k in self.method.evaluator.keys}
         return result, per_record
 
-    @property
-    def post_records(self) -> dict:
-        return self.scores.post
-
     # -- checkpoints: only what changed ------------------------------------------------------
     def edited_weights(self) -> list[torch.Tensor]:
         return [get_weight(self.llm, self.layout, l) for l in self.layers]
-
-    def edited_param_names(self) -> list[str]:
-        names = {id(p): n for n, p in self.named_parameters()}
-        return [names[id(edited_module(self.llm, self.layout, l).weight)] for l in self.layers]
 
     def run_settings(self) -> dict:
         """Every setting that changes what a run writes, flat, named as in the YAML config
@@ -276,46 +211,28 @@ class EditModule(L.LightningModule):
         s.update(runs.flatten(self._data_settings, "data"))
         return s
 
-    def _checksum(self, state_dict: dict, lit_state: dict) -> str:
-        """SHA-256 of the edited matrices and the solver state (verified on load: lit_edit.runs)."""
-        return runs.tensor_checksum(runs.state_tensors({"state_dict": state_dict, "solver": lit_state["solver"]}))
+    def edited_param_names(self) -> list[str]:
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [names[id(edited_module(self.llm, self.layout, l).weight)] for l in self.layers]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = set(self.edited_param_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        state = {"solver": self.solver.state_dict(), "context": self.context,
-                 "edited_ids": list(self.edited_ids), "pre_records": self.scores.pre,
-                 "post_records": self.scores.post,
-                 "n_removed": self.n_removed,
-                 "model": self.model_name, "layers": self.layers,
-                 "solver_class": type(self.solver).__name__,
-                 "settings": self.run_settings()}
-        state["checksum"] = self._checksum(checkpoint["state_dict"], state)
-        checkpoint["lit_edit"] = state
+        runs.seal_checkpoint(checkpoint, {
+            "solver": self.solver.state_dict(), "context": self.context, "edited_ids": list(self.edits.ids),
+            "n_removed": self.edits.n_removed, "pre_records": self.scores.pre, "post_records": self.scores.post,
+            "settings": self.run_settings()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, before any edit, a checkpoint that is corrupted or was written with other settings."""
         path = self.trainer.ckpt_path if self._trainer is not None else None
-        state = checkpoint.get("lit_edit")
-        if state is None or "checksum" not in state or "settings" not in state:
-            raise runs.CheckpointError(f"checkpoint {path} was not written by this version of lit_edit (it has no "
-                                       f"checksum and settings record); start a new run")
-        if self._checksum(checkpoint.get("state_dict", {}), state) != state["checksum"]:
-            raise runs.CheckpointError(f"checkpoint {path} is corrupted: the checksum of its edited weights and "
-                                       f"solver state does not match the one recorded when it was written")
+        state = runs.open_checkpoint(checkpoint, path)
         for key, old, new in runs.compare_settings(state["settings"], self.run_settings(), self.allow_changed, path):
             print(f"lit_edit: resuming with {key} changed on purpose: {old!r} -> {new!r}")
-        if state["layers"] != self.layers:
-            raise ValueError(f"checkpoint edits layers {state['layers']}, this run is configured for {self.layers}")
-        if state["solver_class"] != type(self.solver).__name__:
-            raise ValueError(f"checkpoint was written by solver {state['solver_class']}, this run is configured with "
-                             f"{type(self.solver).__name__}")
         self.solver.load_state_dict(state["solver"])
         self.context[:] = state["context"]  # in place: the method's Env holds this list
-        self.edited_ids = list(state["edited_ids"])
-        self.n_removed = int(state.get("n_removed", 0))
-        self.scores.pre = state["pre_records"]
-        self.scores.post = state.get("post_records", {})
+        self.edits.ids, self.edits.n_removed = list(state["edited_ids"]), int(state["n_removed"])
+        self.scores.pre, self.scores.post = state["pre_records"], state["post_records"]
 
 
 def _path(obj) -> str:

@@ -118,6 +118,31 @@ def state_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def _edit_checksum(checkpoint: dict) -> str:
+    """SHA-256 of a checkpoint's edited matrices and solver state."""
+    state = checkpoint["lit_edit"]
+    return tensor_checksum(state_tensors({"state_dict": checkpoint.get("state_dict", {}), "solver": state["solver"]}))
+
+
+def seal_checkpoint(checkpoint: dict, state: dict) -> None:
+    """Store lit_edit's ``state`` in ``checkpoint`` with the checksum :func:`open_checkpoint` verifies."""
+    checkpoint["lit_edit"] = state
+    state["checksum"] = _edit_checksum(checkpoint)
+
+
+def open_checkpoint(checkpoint: dict, path) -> dict:
+    """lit_edit's state of a checkpoint, refused (CheckpointError naming ``path``) when it was not written by this
+    version or its edited weights / solver state are not the ones sealed."""
+    state = checkpoint.get("lit_edit")
+    if state is None or "checksum" not in state or "settings" not in state:
+        raise CheckpointError(f"checkpoint {path} was not written by this version of lit_edit (it has no checksum "
+                              f"and settings record); start a new run")
+    if _edit_checksum(checkpoint) != state["checksum"]:
+        raise CheckpointError(f"checkpoint {path} is corrupted: the checksum of its edited weights and solver state "
+                              f"does not match the one recorded when it was written")
+    return state
+
+
 # ------------------------------------------------------------------------------------------------
 # The ledger
 # ------------------------------------------------------------------------------------------------
@@ -248,6 +273,7 @@ def flatten(tree: Any, prefix: str) -> dict[str, Any]:
 
 
 _ABSENT = "<not set>"
+FIXED = ("model.layers", "model.solver.class_path")  # settings no allow_changed can release
 
 
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -265,7 +291,8 @@ def compare_settings(saved: Mapping[str, Any], current: Mapping[str, Any], allow
     """Raise :class:`CheckpointError` naming every changed setting not in ``allowed`` (a setting or a prefix of
     settings, e.g. ``model.method``); return the allowed changes (the caller reports them)."""
     allowed = list(allowed)
-    ok = lambda key: any(key == a or key.startswith(a + ".") for a in allowed)  # noqa: E731
+    # the checkpoint's solver state and weights are per layer and per solver: these can never change on resume
+    ok = lambda key: key not in FIXED and any(key == a or key.startswith(a + ".") for a in allowed)  # noqa: E731
     changes = changed_settings(saved, current)
     bad = [c for c in changes if not ok(c[0])]
     if bad:

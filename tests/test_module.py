@@ -237,6 +237,6 @@ def test_independent_mode_scores_each_batch_then_restores(tiny_world, tmp_path):
         assert torch.equal(w, before[l])
     assert module.solver.state_dict()["n_edits"] == 0
     metrics = json.loads((__import__("pathlib").Path(trainer.log_dir) / "metrics.json").read_text())
-    assert metrics["n_edits"] == 6 and set(module.post_records) == {r.case_id for r in dm.requests}
+    assert metrics["n_edits"] == 6 and set(module.scores.post) == {r.case_id for r in dm.requests}
     assert metrics["efficacy"] >= metrics["pre.efficacy"] + 0.3  # the edits landed while they were in
-    assert metrics["efficacy"] == pytest.approx(sum(s["efficacy"] for s in module.post_records.values()) / 6)
+    assert metrics["efficacy"] == pytest.approx(sum(s["efficacy"] for s in module.scores.post.values()) / 6)

@@ -158,3 +158,26 @@ def check_structured_lengths(requests: list[EditRequest], tokenizer, max_length,
     fit. Returns the requests kept, in order."""
     return _keep_fitting(requests, lambda r: check_structured_length(r, tokenizer, max_length, context=context,
                                                                      fact_token=fact_token), on_invalid)
+
+
+def fitting_requests(method, requests: list, on_invalid: str = "raise", drop: Callable | None = None) -> list:
+    """The stream a run edits with ``method`` (``lit_edit.methods``): every request is of the method's kind, and
+    every sequence it is edited or scored with fits the model's context, checked before any edit. A request that does
+    not fit follows ``on_invalid``: "raise" stops with an EditRequestError naming case id, field and both lengths;
+    "skip" logs it and drops it here *and*, through ``drop(case_ids)``, from the data module's stream, so the
+    batches and the checkpointed stream fingerprint are those of the filtered stream. Returns the requests kept."""
+    want = method.request_type
+    bad = next((r for r in requests if not isinstance(r, want)), None)
+    if bad is not None:
+        hint = ("use a long-form method (model.method: lit_edit.methods.Windows) for unstructured data"
+                if want is EditRequest else "use an unstructured reader")
+        raise EditRequestError(bad.case_id, "question" if want is EditRequest else "prompt",
+                               f"a {type(bad).__name__} in a run whose method edits {want.__name__}s: {hint}")
+    writes = [r for r in requests if r.writes]  # removals are neither edited nor scored
+    fits = method.check_lengths(writes, on_invalid)
+    if len(fits) == len(writes):
+        return requests
+    kept = {r.case_id for r in fits}  # case ids are unique in a stream (check_unique_case_ids)
+    if drop is not None:
+        drop([r.case_id for r in writes if r.case_id not in kept])
+    return [r for r in requests if not r.writes or r.case_id in kept]

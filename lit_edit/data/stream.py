@@ -257,8 +257,8 @@ class EditDataModule(L.LightningDataModule):
         """Drop requests from the stream after :meth:`setup`, before any batch is applied.
 
         For checks that need the model, which the data module does not have: with ``on_invalid="skip"``,
-        :meth:`lit_edit.module.EditModule.validate_lengths` drops the requests that do not fit its context here, in
-        ``configure_model``. The cursor is rebuilt on the filtered stream, so checkpoints save *its* size and
+        :func:`lit_edit.data.lengths.fitting_requests` drops the requests that do not fit its context here, in
+        ``EditModule.configure_model``. The cursor is rebuilt on the filtered stream, so checkpoints save *its* size and
         fingerprint. Lightning calls ``configure_model`` before it restores a checkpoint's stream position, so a
         resumed run filters the same way first and then finds the same stream; had it dropped other requests
         (another model or tokenizer), the fingerprint check refuses the resume (:class:`StreamStateError`).
