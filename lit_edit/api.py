@@ -42,6 +42,10 @@ class _GivenStream(EditDataModule):
     def __init__(self, requests: list, batch_size: int, on_invalid: str = "raise"):
         super().__init__(dataset="counterfact", path="<python>", batch_size=batch_size, on_invalid=on_invalid)
         self._given = list(requests)
+        # the data settings (metrics.json's run.data, compared on resume): not the requests themselves, whose
+        # fingerprint the stream cursor checkpoints
+        self.save_hyperparameters({"dataset": "python", "n_requests": len(self._given), "batch_size": batch_size,
+                                   "on_invalid": on_invalid})
 
     def _read_stream(self) -> list:
         check_unique_case_ids(self._given)
@@ -77,7 +81,8 @@ class Editor:
         stream = _GivenStream(reqs, batch_size, on_invalid)
         options = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_checkpointing": False,
                    "enable_model_summary": False, "use_distributed_sampler": False, "log_every_n_steps": 1,
-                   "logger": L.pytorch.loggers.TensorBoardLogger(self.root_dir, name=self.name), **self.trainer_args}
+                   "logger": L.pytorch.loggers.TensorBoardLogger(self.root_dir, name=self.name,
+                                                                   default_hp_metric=False), **self.trainer_args}
         trainer = L.Trainer(**options)
         trainer.fit(module, stream)
         run_dir = Path(trainer.log_dir) if trainer.log_dir else None

@@ -1,13 +1,16 @@
-"""The two callbacks of an editing fit, added by ``EditModule.configure_callbacks`` in this order.
+"""The callbacks of an editing fit, added by ``EditModule.configure_callbacks`` in this order.
 
 * :class:`ClosedFormEdit` — the write: applies each step's plan with the solver (atomically, docs/algorithms.md
   §4), advances the stream cursor, lets the method measure the write, updates the module's live edit set and the
-  batch's scores, checks that the ranks agree and, in independent mode, restores the weights and solver state.
+  batch's scores, checks that the ranks agree and, under the independent protocol, restores weights and solver.
 * :class:`RunRecord` — the run's record: claims the run directory (lock, no second run, a resume only into its
-  own directory), logs each step (:func:`log_step`: norms, solver figures, batch scores, the retention curve)
-  and appends its ledger lines, and at the end writes ``metrics.json`` and
-  ``scores.jsonl``, prints the table, logs ``final/*`` and exports the edited model. Its checkpointed state is the
-  ledger's length, so a resume rolls the ledger back to exactly the checkpoint's edits (lit_edit.runs).
+  own directory); logs, on one step axis (applied batches, 0 = the unedited model), each step's scalars and
+  histograms (:mod:`lit_edit.report`), the retention curve and heat map and sample generations
+  (:mod:`lit_edit.board`); appends the ledger; at the end writes ``metrics.json``, ``scores.jsonl`` and
+  ``retention.json``, prints the table, logs ``final/*`` and the hparams with them, and exports the edited model.
+  Its checkpointed state holds the ledger's length, so a resume rolls the ledger back to exactly the
+  checkpoint's edits (lit_edit.runs).
+* An editing progress bar (:func:`progress_bar`) in place of Lightning's default one.
 
 Lightning runs callbacks in list order and every ModelCheckpoint after them, so a step's ledger lines are
 written and its batch marked applied before any checkpoint of that step is taken.
@@ -20,10 +23,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+from lit_edit import board, runs
 from lit_edit import distributed as dist
-from lit_edit import runs
-from lit_edit.editing import StepStats, apply_batch
+from lit_edit.editing import apply_batch
+from lit_edit.monitor import Monitor
+from lit_edit.report import in_units, ledger_lines, metrics_document, print_table, step_histograms, step_scalars
 
 
 class ClosedFormEdit(L.Callback):
@@ -37,7 +43,7 @@ class ClosedFormEdit(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         plan, m = outputs["plan"], pl_module
-        if m.independent:  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
+        if m.protocol == "independent":  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
             saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
         stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, plan.columns)
         if trainer.datamodule is not None:
@@ -47,10 +53,10 @@ class ClosedFormEdit(L.Callback):
         plan.stats = stats
         m.edits.record(plan.requests, stats.dropped)
         if plan.writes:  # the batch's scores on the model as written (RunRecord logs them)
-            plan.batch_scores = m.scores.batch(m.env, plan.writes, m.independent, m.device)
+            plan.batch_scores = m.scores.batch(m.env, plan.writes, m.protocol != "sequential", m.device)
         if m.sync_check_every_n_steps and trainer.global_step % m.sync_check_every_n_steps == 0:
             dist.assert_in_sync(m.edited_weights(), f"edited weights after step {trainer.global_step}")
-        if m.independent:
+        if m.protocol == "independent":
             with torch.no_grad():
                 for w, w0 in zip(m.edited_weights(), saved[0]):
                     w.copy_(w0)
@@ -60,7 +66,14 @@ class ClosedFormEdit(L.Callback):
 class RunRecord(L.Callback):
     """The run directory and everything written into it (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_samples: int = 3, sample_tokens: int = 12) -> None:
+        self.n_samples, self.sample_tokens = n_samples, sample_tokens
+        self.samples: list = []  # case ids of the fixed sample requests (the stream's first writes)
+        self.sample_pre: list[str] = []  # their pre-edit continuations
+        self.edit_step: dict = {}  # case_id -> the step that applied it (the heat map's columns)
+        self.retention: list[dict] = []  # the heat map's rows: {step, key, row}
+        self.latest: dict = {}  # the last step's scalars (the progress bar reads them)
+        self.inner_iterations = 0
         self.run_dir: Path | None = None
         self.ledger_lines = 0  # lines of edits.jsonl written so far (counted on every rank; rank 0 writes)
         self._resume: dict | None = None  # {ledger_lines, run_dir} of the checkpoint being resumed
@@ -68,6 +81,13 @@ class RunRecord(L.Callback):
 
     # -- the run directory ----------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._claim_dir(trainer, trainer.ckpt_path)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._resume = None  # a test writes a new run directory, whatever checkpoint it scores
+        self._claim_dir(trainer, None)
+
+    def _claim_dir(self, trainer, ckpt_path: str | None) -> None:
         """Claim the run directory before any edit. trainer.log_dir is a collective under DDP: every rank reads it;
         rank 0 decides and every rank stops on a problem."""
         log_dir = trainer.log_dir
@@ -75,7 +95,7 @@ class RunRecord(L.Callback):
         problem = None
         if trainer.is_global_zero and self.run_dir is not None:
             try:
-                self._claim(self.run_dir, trainer.ckpt_path)
+                self._claim(self.run_dir, ckpt_path)
             except (runs.RunDirError, runs.CheckpointError, OSError) as err:
                 problem = str(err)
         problem = dist.broadcast_object(problem)
@@ -115,110 +135,161 @@ class RunRecord(L.Callback):
 
     def state_dict(self) -> dict:
         return {"ledger_lines": self.ledger_lines,
-                "run_dir": str(self.run_dir.resolve()) if self.run_dir is not None else None}
+                "run_dir": str(self.run_dir.resolve()) if self.run_dir is not None else None,
+                "samples": self.samples, "sample_pre": self.sample_pre, "edit_step": self.edit_step,
+                "retention": self.retention, "inner_iterations": self.inner_iterations}
 
     def load_state_dict(self, state: dict) -> None:
         self.ledger_lines = int(state["ledger_lines"])
+        self.samples, self.sample_pre = list(state["samples"]), list(state["sample_pre"])
+        self.edit_step, self.retention = dict(state["edit_step"]), list(state["retention"])
+        self.inner_iterations = int(state["inner_iterations"])
         self._resume = dict(state)
 
-    # -- the ledger -----------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        plan = outputs["plan"]
-        log_step(trainer, pl_module, plan)
+    # -- the unedited model: step 0 -------------------------------------------------------------
+    def on_train_start(self, trainer, m) -> None:
+        """Step 0 of the run's one step axis: the retention curve's pre-edit point (the unedited model on the
+        stream's writes) and the samples' pre-edit generations."""
+        if not self.samples:
+            self.samples = [r.case_id for r in m.requests if r.writes][: self.n_samples]
+        if trainer.global_step == 0:
+            pre = [m.scores.pre[r.case_id] for r in m.requests if r.writes and r.case_id in m.scores.pre]
+            if pre:
+                scores = m.scores.mean(m.env, [], pre, device=m.device)
+                edited = {f"edited/{k}": v for k, v in in_units(m.method.evaluator, scores).items()}
+                self.write_scalars(trainer, m, edited, 0)
+            self.sample_pre = self._generate(m) if self.n_samples else []
+            self._log_samples(trainer, m, 0)
+
+    # -- each step ------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx) -> None:
+        plan, step = outputs["plan"], trainer.global_step
+        scalars = step_scalars(m, plan)
+        for r in plan.writes:
+            self.edit_step[r.case_id] = step
+        if m.eval_every_n_steps and step % m.eval_every_n_steps == 0 and m.protocol != "independent":
+            scalars.update(self._retention(trainer, m, step))
+            self._log_samples(trainer, m, step)
+        scalars["time/step_seconds"] = time.perf_counter() - plan.started
+        self.latest = scalars
+        self.write_scalars(trainer, m, scalars, step)
+        tb = board.writer(trainer, m)
+        if tb is not None:
+            for k, v in step_histograms(plan).items():
+                tb.add_histogram(k, torch.as_tensor(v).detach().float().cpu(), step)
+            if plan.targets is not None and plan.targets.history:
+                # the inner optimisation, on its own axis: iterations over the run (targets/steps maps it to steps)
+                for loss in plan.targets.history:
+                    tb.add_scalar("inner/target_loss", loss, self.inner_iterations)
+                    self.inner_iterations += 1
         self.ledger_lines += len(plan.requests)
         if trainer.is_global_zero and self.run_dir is not None:
-            runs.Ledger(self.run_dir).append(ledger_lines(plan, plan.stats, trainer.global_step, pl_module))
+            runs.Ledger(self.run_dir).append(ledger_lines(plan, plan.stats, step, m))
+
+    def _retention(self, trainer, m, step: int) -> dict:
+        """All live edits scored on the current model (a collective under DDP): the curve ``edited/*`` and a row
+        of the retention heat map (mean efficacy of each edit step's edits, docs/outputs.md)."""
+        edited = m.edits.edited()
+        per = m.scores.records(m.env, edited, full=False)  # the cheap metrics: no generations
+        scores = m.scores.mean(m.env, [], [per[r.case_id] for r in edited], device=m.device)
+        key = next((k for k in m.method.evaluator.keys if any(k in s for s in per.values())), "")  # e.g. efficacy
+        self.retention.append({"step": step, "key": key, "row": board.retention_row(per, self.edit_step, step, key)})
+        tb = board.writer(trainer, m)
+        if tb is not None:
+            tb.add_image("retention/heatmap", board.heatmap_image([e["row"] for e in self.retention]), step)
+        return {f"edited/{k}": v for k, v in in_units(m.method.evaluator, scores).items()}
+
+    def _generate(self, m) -> list[str]:
+        by_id = {r.case_id: r for r in m.requests}
+        prompts = [board.sample_prompt(by_id[i])[0] for i in self.samples]
+        return board.generate(m.llm, m.tok, prompts, self.sample_tokens) if prompts else []
+
+    def _log_samples(self, trainer, m, step: int) -> None:
+        """The fixed sample requests: prompt, targets, pre-edit and current greedy continuation (TensorBoard text).
+        Generation runs on rank 0 only; under the independent protocol the model is the unedited one."""
+        tb = board.writer(trainer, m)
+        if tb is None or not self.samples:
+            return
+        by_id = {r.case_id: r for r in m.requests}
+        now = self._generate(m) if step else self.sample_pre
+        tb.add_text("samples", board.samples_markdown([by_id[i] for i in self.samples], self.sample_pre, now), step)
+
+    @staticmethod
+    def write_scalars(trainer, m, scalars: dict, step: int) -> None:
+        """Scalars on the run's one step axis (applied batches; 0 = unedited), straight to the logger (rank 0)."""
+        if m.logger is not None and trainer.is_global_zero and scalars:
+            m.logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
 
     # -- the end --------------------------------------------------------------------------------
-    def on_fit_end(self, trainer, pl_module) -> None:
-        final = pl_module.final_evaluation()  # collective under DDP: every rank
+    def on_fit_end(self, trainer, m) -> None:
+        final = m.final_evaluation()  # collective under DDP: every rank
+        if final is not None:  # drift and probes, before and after (lit_edit.monitor)
+            for cb in trainer.callbacks:
+                if isinstance(cb, Monitor):
+                    final[0].update(cb.metrics())
+        self._write_final(trainer, m, final, {})
+
+    def on_test_end(self, trainer, m) -> None:
+        self._write_final(trainer, m, m.test_evaluation(), {"test_of": trainer.ckpt_path or "the unedited model"})
+
+    def _write_final(self, trainer, m, final, about: dict) -> None:
+        step = trainer.global_step
         if final is None or not trainer.is_global_zero:
             return
         result, per_record = final
-        print_table(result, result["n_edits"], pl_module.method.evaluator.keys)
+        ev = m.method.evaluator
+        doc = metrics_document(m, result, step)
+        doc["run"].update(about)
+        print_table(doc, len(per_record), ev.keys, ev)
         if self.run_dir is not None:
-            runs.atomic_write(self.run_dir / runs.METRICS, json.dumps(result, indent=2))
-            runs.atomic_write(self.run_dir / runs.SCORES, "".join(json.dumps(line) + "\n" for line in per_record))
-        if pl_module.logger is not None:
-            pl_module.logger.log_metrics({f"final/{k}": v for k, v in result.items()}, step=trainer.global_step)
-        if pl_module.export_dir:
-            pl_module.llm.save_pretrained(pl_module.export_dir)
-            pl_module.tok.save_pretrained(pl_module.export_dir)
+            runs.atomic_write(self.run_dir / runs.METRICS, json.dumps(doc, indent=2, default=str))
+            runs.atomic_write(self.run_dir / runs.SCORES,
+                              "".join(json.dumps(in_units(ev, line)) + "\n" for line in per_record))
+            if self.retention:
+                runs.atomic_write(self.run_dir / "retention.json", json.dumps(self.retention))
+        numbers = {k: v for k, v in doc.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.write_scalars(trainer, m, {f"final/{k}": v for k, v in numbers.items()}, step)
+        if not trainer.testing and (step % max(m.eval_every_n_steps, 1) or not m.eval_every_n_steps):
+            self._log_samples(trainer, m, step)
+        if m.logger is not None:  # hparams with the final metrics (TensorBoard's HPARAMS tab)
+            m.logger.log_hyperparams(dict(m.hparams), metrics={f"hp/{k}": v for k, v in numbers.items()})
+        if m.export_dir:
+            m.llm.save_pretrained(m.export_dir)
+            m.tok.save_pretrained(m.export_dir)
 
 
-def log_step(trainer, m, plan) -> None:
-    """The step's scalars: update and residual norms per layer, the solver's own figures, the method's post-write
-    diagnostics, the batch's scores, the live edit count, every ``eval_every_n_steps`` the retention evaluation
-    over all live edits (a collective under DDP), and the step's time."""
-    n, stats = len(plan.requests), plan.stats
-    if plan.targets is not None:
-        res = plan.targets
-        logs = {"targets/loss": res.loss.mean(), "targets/nll": res.nll.mean(), "targets/steps": res.steps.float().mean(),
-                "targets/delta_norm": res.delta.norm(dim=-1).mean()}
-        if m.method.row_name:
-            logs[f"targets/{m.method.row_name}"] = float(len(res.loss))
-        m.log_dict(logs, batch_size=len(plan.writes))
-        log_info(trainer, m, plan.info, len(plan.writes))
-    if stats.dropped:
-        m.log("n_removed", float(m.edits.n_removed), batch_size=n)
-    for name, per_layer in (("residual_norm", stats.residual_norm), ("delta_norm", stats.update_norm),
-                            ("forget_norm", stats.forget_norm), ("regularizer_change", stats.regularizer_change)):
-        for l, v in per_layer.items():
-            m.log(f"update/{name}/layer_{l}", v, batch_size=n)
-    for k, v in m.solver.describe().items():
-        m.log(f"solver/{k}", float(v), batch_size=n)
-    if plan.writes:
-        log_info(trainer, m, plan.info.get("after_write", {}), len(plan.writes))
-        m.log_dict({f"batch/{k}": v for k, v in plan.batch_scores.items()}, batch_size=len(plan.writes), prog_bar=True)
-    m.log("n_edits", float(len(m.edited_ids)), batch_size=n)
-    step = trainer.global_step
-    if m.eval_every_n_steps and step % m.eval_every_n_steps == 0 and not m.independent:
-        scores = m.scores.mean(m.env, m.edited_requests(), device=m.device)
-        # straight to the logger: self.log from a batch-end hook re-emits the cached value at every later
-        # step until it is logged again (measured: 5 identical points per 5-step interval in TensorBoard)
-        if m.logger is not None and trainer.is_global_zero:
-            m.logger.log_metrics({f"edited/{k}": v for k, v in scores.items()}, step=step)
-    m.log("time/step_seconds", time.perf_counter() - plan.started, batch_size=n)
+class EditProgress:
+    """The progress bar of an editing run: "Editing", edits done / total, and the latest batch and retention
+    efficacy (no epoch, no version number). Mixed into Lightning's own bars by :func:`progress_bar`."""
+
+    def get_metrics(self, trainer, m) -> dict:
+        record = next((c for c in trainer.callbacks if isinstance(c, RunRecord)), None)
+        total = sum(r.writes for r in m.requests)
+        items: dict = {"edits": f"{len(m.edits.ids)}/{total}"}
+        latest = record.latest if record is not None else {}
+        key = next((k for k in m.method.evaluator.keys if f"batch/{k}" in latest), "")  # e.g. efficacy
+        for name in (f"batch/{key}", f"edited/{key}"):
+            if name in latest:
+                items[name] = f"{latest[name]:.1f}%"
+        return items
 
 
-def log_info(trainer, m, info: dict, n: int) -> None:
-    """Scalars and histograms a method reports (``logs``, ``histograms``)."""
-    if info.get("logs"):
-        m.log_dict(info["logs"], batch_size=n)
-    exp = getattr(m.logger, "experiment", None)
-    if info.get("histograms") and hasattr(exp, "add_histogram") and trainer.is_global_zero:
-        for k, v in info["histograms"].items():
-            exp.add_histogram(k, v.detach().float().cpu(), trainer.global_step)
+class EditRichProgressBar(EditProgress, RichProgressBar):
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "Editing"
 
 
-def ledger_lines(plan, stats: StepStats, step: int, m) -> list[dict]:
-    """One line per request of the step: what was done to which fact, and per writing request its target loss,
-    residual norm per layer (the mean over its target rows) and the method's own fields."""
-    dropped = set(stats.dropped)
-    lines, j = [], 0  # j: index among the requests that wrote a value
-    for r in plan.requests:
-        line = {"case_id": r.case_id, "step": step, "operation": r.op, "fact": r.fact_id, "layers": m.layers,
-                "update_norm": stats.update_norm}
-        if r.op == "insert" and r.fact_id in dropped:
-            line["operation"] = "insert (replaced earlier edit)"
-        if r.writes:
-            rows = plan.columns.rows[j]
-            line["target_loss"] = round(float(plan.targets.loss[rows].mean()), 6)
-            line["residual_norm"] = {l: sum(v[c] for c in rows) / len(rows) for l, v in stats.request_residual.items()}
-            if m.method.row_name:
-                line[m.method.row_name] = len(rows)
-            line.update(m.method.ledger_fields({**plan.info, **plan.info.get("after_write", {})}, j))
-            j += 1
-        if r.fact_id in dropped:
-            line["forget_norm"] = stats.forget_norm
-        lines.append(line)
-    return lines
+class EditTQDMProgressBar(EditProgress, TQDMProgressBar):
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("Editing")
 
 
-def print_table(result: dict, n: int, keys: tuple[str, ...]) -> None:
-    rows = [(k, result.get(f"pre.{k}"), result.get(k)) for k in keys]
-    print(f"\nlit_edit: final evaluation over {n} edited requests")
-    print(f"{'metric':<16}{'pre':>10}{'post':>10}")
-    for k, pre, post in rows:
-        f = lambda x: f"{100 * x:10.2f}" if x is not None else f"{'-':>10}"  # noqa: E731
-        print(f"{k:<16}{f(pre)}{f(post)}")
+def progress_bar(trainer) -> L.Callback | None:
+    """The editing bar replacing Lightning's default one (None when the bar is off or a custom one is given)."""
+    bar = trainer.progress_bar_callback
+    if type(bar) is RichProgressBar:
+        return EditRichProgressBar()
+    if type(bar) is TQDMProgressBar:
+        return EditTQDMProgressBar()
+    return None

@@ -91,8 +91,11 @@ def subject_template(name: str, value: Any, *, note: str | None = None):
     return value
 
 
+PROTOCOLS = ("sequential", "immediate", "independent")  # docs/metrics.md, "Protocols"
+
+
 def edit_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
-                      sync_check_every_n_steps, allow_changed) -> None:
+                      sync_check_every_n_steps, allow_changed, protocol="sequential") -> None:
     """EditModule's own settings, refused at construction with the YAML name (lit_edit.checks)."""
     text("model.model", model)
     if not isinstance(layers, (list, tuple)) or not layers:
@@ -110,5 +113,6 @@ def edit_module_args(model, layers, dtype, context_templates, context_seed, eval
     integer("model.context_seed", context_seed, ge=0)
     integer("model.eval_every_n_steps", eval_every_n_steps, ge=0)
     integer("model.sync_check_every_n_steps", sync_check_every_n_steps, ge=0)
+    choice("model.protocol", protocol, PROTOCOLS)
     for i, name in enumerate(allow_changed):
         text(f"model.allow_changed[{i}]", name)

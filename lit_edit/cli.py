@@ -101,7 +101,8 @@ class BaseResolvingParser(LightningArgumentParser):
 class EditCLI(LightningCLI):
     """LightningCLI with the strictness an editing run needs.
 
-    * Only ``fit`` is offered: an editing run is a fit; the other loops have no steps defined.
+    * ``fit`` edits; ``test`` scores the stream on the unedited model, or with ``--ckpt_path`` on a checkpoint's
+      edits, and writes the same outputs into a new run directory. ``validate`` and ``predict`` are not offered.
     * No abbreviated option names: ``--model.method.init_args.v_num_grad_step`` is an error, not ``v_num_grad_steps``.
     * On ``--ckpt_path`` the command line and config files are what the run uses. (LightningCLI's default copies
       the checkpoint's hyper-parameters over them without a word.) ``EditModule.on_load_checkpoint`` then
@@ -122,13 +123,15 @@ class EditCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"fit": LightningCLI.subcommands()["fit"]}
+        return {"fit": LightningCLI.subcommands()["fit"], "test": LightningCLI.subcommands()["test"]}
 
     def _parse_ckpt_path(self) -> None:
         """Keep the command line's settings (see the class docstring)."""
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config.get(self.config.get("subcommand") or "", None)
+        if self.config.get("subcommand") != "fit":  # a test writes its own run directory
+            return
+        cfg = self.config.get("fit", None)
         if cfg is None or not cfg.get("ckpt_path"):
             return
         run_dir = checkpoint_run_dir(Path(cfg["ckpt_path"]).expanduser(), None)  # None unless <run_dir>/checkpoints/
@@ -146,4 +149,5 @@ def main(args: list[str] | None = None) -> LightningCLI:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
     return EditCLI(EditModule, EditDataModule, save_config_kwargs={"overwrite": True},
                    seed_everything_default=0, args=args,
-                   parser_kwargs={"allow_abbrev": False, "fit": {"allow_abbrev": False}})
+                   parser_kwargs={"allow_abbrev": False, "fit": {"allow_abbrev": False},
+                                  "test": {"allow_abbrev": False}})

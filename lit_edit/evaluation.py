@@ -1,27 +1,42 @@
 """How a run scores requests on the current model, with the method's evaluator (``lit_edit.methods``).
 
 Under DDP each rank scores its shard of the requests and the torchmetrics states (sums and counts) are reduced by
-``compute()``, so every method here is a collective: call it on every rank. :class:`Scores` also keeps what the
-final metrics need: the pre-edit scores of the stream and, in independent runs, each request's scores right after
-its own batch (both checkpointed by the module).
+``compute()``, so every method here is a collective: call it on every rank. Per-record scores (:meth:`Scores.records`)
+are the evaluator's full ones unless asked otherwise (the pre-edit and final scores); the means it scores itself
+(:meth:`Scores.mean`: the per-batch curve) leave out what the evaluator skips when not ``full`` (generations:
+docs/metrics.md). :class:`Scores` also keeps what the final metrics need: the pre-edit scores of the stream and,
+under the immediate and independent protocols, each request's scores right after its own batch (both checkpointed
+by the module).
 """
 from __future__ import annotations
 
+from tqdm.auto import tqdm
+
 from lit_edit import distributed as dist
 from lit_edit.metrics import compute_metrics, make_metrics, update_metrics
+
+
+CHUNK = 256  # requests scored per call of the evaluator (its own batching is within a call)
 
 
 class Scores:
     def __init__(self, evaluator):
         self.evaluator = evaluator
         self.pre: dict = {}  # case_id -> pre-edit scores, so "pre." covers exactly the edited set
-        self.post: dict = {}  # independent runs: case_id -> scores right after its own batch
+        self.post: dict = {}  # immediate / independent protocols: case_id -> scores right after its own batch
         self.batch_metrics = make_metrics(keys=evaluator.keys)
 
-    def records(self, env, requests: list) -> dict:
-        """case_id -> scores of ``requests``; each rank scores its shard and every rank gets the union."""
+    def records(self, env, requests: list, desc: str | None = None, full: bool = True) -> dict:
+        """case_id -> scores of ``requests``; each rank scores its shard and every rank gets the union. ``desc``:
+        show a progress bar (rank 0) for a long scoring, e.g. the pre-edit evaluation of a real stream; ``full``:
+        the evaluator's costly metrics too (generations), as metrics.json has them."""
         mine = [requests[i] for i in dist.shard(len(requests))]
-        scores = self.evaluator.scores(env, mine) if mine else []
+        scores = []
+        with tqdm(total=len(mine), desc=desc, unit="req", disable=desc is None or dist.rank() != 0 or
+                  len(mine) <= CHUNK) as bar:
+            for start in range(0, len(mine), CHUNK):  # chunks: the same scores, a live progress bar
+                scores += self.evaluator.scores(env, mine[start:start + CHUNK], full=full)
+                bar.update(len(mine[start:start + CHUNK]))
         parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], scores)))
         return dict(pair for part in parts for pair in part)
 
@@ -32,24 +47,25 @@ class Scores:
         metrics.reset()
         if scores is None:
             mine = [requests[i] for i in dist.shard(len(requests))]
-            scores = self.evaluator.scores(env, mine) if mine else []
+            scores = self.evaluator.scores(env, mine, full=False) if mine else []
         else:
             scores = [scores[i] for i in dist.shard(len(scores))]
         update_metrics(metrics, scores)
         return compute_metrics(metrics, keys)
 
-    def batch(self, env, writes: list, independent: bool, device) -> dict:
-        """The scores of a batch right after its write (independent runs keep them per record: they are the final
-        metrics)."""
-        if not independent:
+    def batch(self, env, writes: list, keep: bool, device) -> dict:
+        """The scores of a batch right after its write; ``keep``: remember them per record (the final metrics of the
+        immediate and independent protocols)."""
+        if not keep:
             return self.mean(env, writes, metrics=self.batch_metrics.to(device))
         got = self.records(env, writes)
         self.post.update(got)
         return self.mean(env, [], [got[r.case_id] for r in writes], metrics=self.batch_metrics.to(device))
 
-    def final(self, env, edited: list, independent: bool, device) -> tuple[dict, list[dict]]:
-        """The final metrics over the live edits with their pre-edit values, and the per-record scores."""
-        post = self.post if independent else self.records(env, edited)
+    def final(self, env, edited: list, kept: bool, device) -> tuple[dict, list[dict]]:
+        """The final metrics over the live edits with their pre-edit values, and the per-record scores: the scores
+        kept right after each batch (``kept``), else those of the current model."""
+        post = self.post if kept else self.records(env, edited)
         final = self.mean(env, [], [post[r.case_id] for r in edited], device=device)
         pre = [self.pre[r.case_id] for r in edited if r.case_id in self.pre]
         pre_scores = self.mean(env, [], pre, device=device) if pre else {}

@@ -28,8 +28,10 @@ from lit_edit import checks
 from lit_edit.data import check_lengths, check_structured_lengths
 from lit_edit.editing import FactColumns, compute_block_states
 from lit_edit.metake import MetaKEConfig, refine_targets
-from lit_edit.metrics import (BERTSCORE_MODES, KEYS, UNSTRUCTURED_KEYS, add_embedding_scores, generate_answers,
-                              record_scores, score_generations)
+from lit_edit.cf_metrics import (FLUENCY_WEIGHTS, FREE_KEYS, WORD_TOKENIZERS, References, free_generation_scores,
+                                 generation_scores, load_references)
+from lit_edit.metrics import (BERTSCORE_MODES, KEYS, MAGNITUDE_KEYS, MAGNITUDES, UNSTRUCTURED_KEYS, ZSRE_KEYS,
+                              add_embedding_scores, generate_answers, record_scores, score_generations)
 from lit_edit.muke import WindowColumns, WindowConfig, optimise_windows, windowed
 from lit_edit.requests import EditRequest, UnstructuredRequest
 from lit_edit.targets import TargetConfig, TargetResult, compute_targets
@@ -74,21 +76,106 @@ class Env:
 class Evaluator(Protocol):
     keys: tuple[str, ...]  # the metric names of a record's scores
 
-    def scores(self, env: Env, requests: list) -> list[dict[str, float]]: ...
+    def scores(self, env: Env, requests: list, full: bool = True) -> list[dict[str, float]]:
+        """Per-record scores. ``full=False`` (the per-batch and retention curves) may leave out costly metrics;
+        the pre-edit and final scores (metrics.json) are ``full``."""
+        ...
 
     def info(self, env: Env, request) -> dict: ...
 
 
+@dataclass
 class ProbabilityEvaluator:
-    """CounterFact / ZsRE scoring by the probabilities of the targets (efficacy, generalization, specificity)."""
+    """CounterFact / ZsRE / fact-world scoring (docs/metrics.md), set under ``model.method.init_args.evaluator``.
 
-    keys = KEYS
+    Always: the probability comparisons and their magnitudes (CounterFact: ``efficacy``, ``generalization``,
+    ``specificity``, ``*_magnitude``; ZsRE: ``rewrite_acc``, ``paraphrase_acc``, ``neighborhood_acc``). In the
+    pre-edit and final evaluations (not the per-batch and retention curves) also: ``free_generation`` (greedy
+    continuations: ``gen_exact``, ``gen_prefix``, ``para.gen_*``), ``fluency`` and ``consistency`` (sampled
+    continuations of up to ``generation_prompts`` generation prompts per record, ``generation_length`` tokens
+    with the prompt, top-``top_k``, seeded per record by ``seed``). Consistency reads ``reference_dir``: a
+    directory with ROME's ``attribute_snippets.json``, ``idf.npy`` and ``tfidf_vocab.json``, or a world spec
+    (``world``, ``world:tiny``) for the fact world's own. ``magnitude``, ``fluency_weights`` and
+    ``word_tokenizer`` choose between the reference code's computation (default) and the papers' (docs/metrics.md).
+    """
 
-    def scores(self, env: Env, requests: list) -> list[dict[str, float]]:
-        return record_scores(env.llm, env.tok, requests)
+    raw_keys = {"fluency": "bits×100"}  # not a fraction: entropy ×100 as the papers' tables (lit_edit.report)
+    magnitude: str = "token_mean"  # | "sequence"
+    free_generation: bool = True
+    fluency: bool = False
+    consistency: bool = False
+    reference_dir: str | None = None
+    generation_prompts: int = 10  # per record, the first N (CounterFact has 10, the fact world 3)
+    generation_length: int = 100  # tokens with the prompt (ROME's max_out_len), at most the model's context
+    top_k: int = 5
+    seed: int = 0
+    fluency_weights: str = "reference"  # mean(2/3·H2, 4/3·H3) as the code | "paper": 2/3·H2 + 4/3·H3
+    word_tokenizer: str = "regex"  # | "nltk" (word_tokenize, as the reference; needs nltk installed)
+    batch_size: int = 64  # prompts per generate() call
+
+    def __post_init__(self):
+        n = lambda f: f"model.method.init_args.evaluator.{f}"  # noqa: E731
+        checks.choice(n("magnitude"), self.magnitude, MAGNITUDES)
+        for name in ("free_generation", "fluency", "consistency"):
+            checks.boolean(n(name), getattr(self, name))
+        checks.text(n("reference_dir"), self.reference_dir, optional=True)
+        if self.consistency and self.reference_dir is None:
+            raise ValueError(f"{n('consistency')} needs {n('reference_dir')}: a directory with ROME's "
+                             f"attribute_snippets.json, idf.npy and tfidf_vocab.json, or a world spec (world:tiny)")
+        for name in ("generation_prompts", "generation_length", "top_k", "batch_size"):
+            checks.integer(n(name), getattr(self, name), ge=1)
+        checks.integer(n("seed"), self.seed)
+        checks.choice(n("fluency_weights"), self.fluency_weights, FLUENCY_WEIGHTS)
+        checks.choice(n("word_tokenizer"), self.word_tokenizer, WORD_TOKENIZERS)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        extra = (FREE_KEYS if self.free_generation else ()) + (("fluency",) if self.fluency else ()) + (
+            ("consistency",) if self.consistency else ())
+        return KEYS + MAGNITUDE_KEYS + tuple(ZSRE_KEYS.values()) + extra
+
+    def references(self) -> References:
+        """The consistency references (read once per process and directory)."""
+        from lit_edit.world.references import resolve_reference_dir
+
+        return load_references(str(resolve_reference_dir(self.reference_dir)))
+
+    def check(self, requests: list) -> list:
+        """Before any edit: with consistency on, every record with generation prompts has reference texts (else
+        an EditRequestError names it)."""
+        if self.consistency:
+            for r in requests:
+                if r.generation_prompts:
+                    self.references().texts(r)
+        return requests
+
+    def scores(self, env: Env, requests: list, full: bool = True) -> list[dict[str, float]]:
+        per = record_scores(env.llm, env.tok, requests, self.magnitude)
+        if full and self.free_generation:
+            for row, more in zip(per, free_generation_scores(env.llm, env.tok, requests, self.batch_size)):
+                row.update(more)
+        if full and (self.fluency or self.consistency):
+            more = generation_scores(env.llm, env.tok, requests, fluency_on=self.fluency,
+                                     references=self.references() if self.consistency else None,
+                                     n_prompts=self.generation_prompts, length=self.generation_length,
+                                     top_k=self.top_k, seed=self.seed, weights=self.fluency_weights,
+                                     tokenizer=self.word_tokenizer, batch_size=self.batch_size)
+            for row, extra in zip(per, more):
+                row.update(extra)
+        return per
 
     def info(self, env: Env, request) -> dict:
         return {}
+
+
+def _evaluator(value) -> ProbabilityEvaluator:
+    """``model.method.init_args.evaluator`` as given: the dataclass, or its fields as a dict (a checkpoint's)."""
+    if isinstance(value, ProbabilityEvaluator):
+        return value
+    if isinstance(value, dict):
+        return ProbabilityEvaluator(**value)
+    raise TypeError(f"model.method.init_args.evaluator must be a ProbabilityEvaluator or a dict of its settings, "
+                    f"got {type(value).__name__}")
 
 
 class GenerationEvaluator:
@@ -101,7 +188,7 @@ class GenerationEvaluator:
         self.bertscore_model, self.bertscore_mode = bertscore_model, bertscore_mode
         self.keys = UNSTRUCTURED_KEYS + (("bertscore", "para.bertscore") if bertscore_model else ())
 
-    def scores(self, env: Env, requests: list) -> list[dict[str, float]]:
+    def scores(self, env: Env, requests: list, full: bool = True) -> list[dict[str, float]]:
         gens = generate_answers(env.llm, env.tok, requests, chat=self.chat, template=self.template)
         per = score_generations(requests, gens, style=self.metric_style)
         if self.bertscore_model:
@@ -168,14 +255,21 @@ class TargetMethod:
 class VStar(TargetConfig, TargetMethod):
     """MEMIT-style v* (docs/algorithms.md §2): per request, δ at the fact token of block L maximising the
     probability of ``target_new`` over the context-prefixed prompts, with a KL term, weight decay and a norm clamp;
-    batched over requests. Its settings are :class:`~lit_edit.targets.TargetConfig`'s."""
+    batched over requests. Its settings are :class:`~lit_edit.targets.TargetConfig`'s, and how it scores
+    :class:`ProbabilityEvaluator`'s (``evaluator``)."""
+
+    evaluator: ProbabilityEvaluator = field(default_factory=ProbabilityEvaluator)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.evaluator = _evaluator(self.evaluator)
 
     def check_lengths(self, writes: list, on_invalid: str) -> list:
         limit = context_length(self.env.llm)
-        if not limit:
-            return writes
-        return check_structured_lengths(writes, self.env.tok, limit, context=max(self.env.context, key=len),
-                                        fact_token=self.fact_token, on_invalid=on_invalid)
+        if limit:
+            writes = check_structured_lengths(writes, self.env.tok, limit, context=max(self.env.context, key=len),
+                                              fact_token=self.fact_token, on_invalid=on_invalid)
+        return self.evaluator.check(writes)
 
     def columns(self, writes: list) -> FactColumns:
         return FactColumns(self.env.tok, writes, self.env.context, self.fact_token, self.legacy_bos_shift)
@@ -192,6 +286,7 @@ class MetaKE(MetaKEConfig, TargetMethod):
     gate (the paper's Algorithm 1), with the realisation diagnostics β, β̂ and ρ logged and kept in the ledger."""
 
     base: VStar = field(default_factory=VStar)
+    evaluator: ProbabilityEvaluator = field(default_factory=ProbabilityEvaluator)
 
     def __post_init__(self):
         super().__post_init__()
@@ -199,13 +294,22 @@ class MetaKE(MetaKEConfig, TargetMethod):
             self.base = VStar(**self.base)
         elif isinstance(self.base, TargetConfig) and not isinstance(self.base, VStar):
             self.base = VStar(**asdict(self.base))
+        self.evaluator = _evaluator(self.evaluator)
+        if self.base.evaluator != ProbabilityEvaluator():
+            raise ValueError("model.method.init_args.base.evaluator is not used: MetaKE scores with "
+                             "model.method.init_args.evaluator")
+
+    def settings(self) -> dict:
+        out = super().settings()
+        out["base"].pop("evaluator", None)  # unused (the check above): one evaluator setting per run
+        return out
 
     def bind(self, env: Env) -> None:
         super().bind(env)
         self.base.bind(env)
 
     def check_lengths(self, writes: list, on_invalid: str) -> list:
-        return self.base.check_lengths(writes, on_invalid)
+        return self.evaluator.check(self.base.check_lengths(writes, on_invalid))
 
     def columns(self, writes: list) -> FactColumns:
         return self.base.columns(writes)

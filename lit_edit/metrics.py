@@ -1,21 +1,27 @@
-"""Edit-quality metrics (docs/algorithms.md §9), as torchmetrics so they sum across ranks.
+"""Edit-quality metrics (docs/metrics.md, docs/algorithms.md §9), as torchmetrics so they sum across ranks.
 
 CounterFact (and the fact world): for each prompt, the mean per-token NLL of ``" " + target_new``
 and of ``" " + target_true`` (a geometric-mean probability, so multi-token targets of different
 lengths compare fairly, as the reference does). Efficacy / generalization: fraction of rewrite /
 paraphrase prompts where the new target is more likely; specificity: fraction of neighbourhood
-prompts where the true target stays more likely. Per record the mean over its prompts, then the
-mean over records.
+prompts where the true target stays more likely (ROME/MEMIT's ES, PS, NS). Their magnitudes (EM, PM,
+NM): the mean of p(new) − p(true) (neighbourhood: p(true) − p(new)). Per record the mean over its
+prompts, then the mean over records.
 
-ZsRE: teacher-forced token top-1 accuracy of the answer tokens after the question (rewrite,
-paraphrase) and of the NQ answer after ``loc + "?"`` (specificity, against the dataset answer as
-in the reference code — not "unchanged prediction"). Built at the token level, so there is no
-decode/re-encode drift (§9 ⚠ for Llama).
+ZsRE: teacher-forced token top-1 accuracy of the answer tokens after the question (``rewrite_acc``),
+the rephrase (``paraphrase_acc``) and of the NQ answer after ``loc + "?"`` (``neighborhood_acc``, against
+the dataset answer as in the reference code — not "unchanged prediction"). These are the reference code's
+names; papers print them as Efficacy / Generalization (Paraphrase) / Specificity (:data:`ZSRE_KEYS`,
+docs/metrics.md). Built at the token level, so there is no decode/re-encode drift (§9 ⚠ for Llama).
 
-Unstructured edits (:class:`~lit_edit.requests.UnstructuredRequest`) are scored by generation:
-:mod:`lit_edit.text_metrics`.
+Generation-based CounterFact metrics (free-generation efficacy, fluency, consistency) are in
+:mod:`lit_edit.cf_metrics`; unstructured edits (:class:`~lit_edit.requests.UnstructuredRequest`) are
+scored by generation in :mod:`lit_edit.text_metrics`.
 """
 from __future__ import annotations
+
+import math
+import warnings
 
 import torch
 from torchmetrics import MeanMetric, MetricCollection
@@ -23,7 +29,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from lit_edit.requests import EditRequest
 from lit_edit.tokens import bos_ids, encode, pad_batch, pad_id, target_ids
 
-KEYS = ("efficacy", "generalization", "specificity")
+KEYS = ("efficacy", "generalization", "specificity")  # CounterFact / world (ES, PS, NS)
+MAGNITUDE_KEYS = tuple(f"{k}_magnitude" for k in KEYS)  # EM, PM, NM
+# ZsRE's token accuracies are another computation than CounterFact's comparisons: they are reported under the
+# reference code's names (summarize.py), not under CounterFact's. The one mapping, also in docs/metrics.md.
+ZSRE_KEYS = {"efficacy": "rewrite_acc", "generalization": "paraphrase_acc", "specificity": "neighborhood_acc"}
+MAGNITUDES = ("token_mean", "sequence")  # p = exp(-mean token NLL) (reference code) | the sequence probability
 
 
 def _slot(key: str) -> str:
@@ -36,9 +47,14 @@ def make_metrics(prefix: str = "", keys: tuple[str, ...] = KEYS) -> MetricCollec
 
 
 def compute_metrics(metrics: MetricCollection, keys: tuple[str, ...]) -> dict[str, float]:
-    """``compute()`` (a collective under DDP: call it on every rank) back under the score names."""
-    values = metrics.compute()
-    return {k: float(values[(metrics.prefix or "") + _slot(k)]) for k in keys}
+    """``compute()`` (a collective under DDP: call it on every rank) back under the score names. A key no record
+    had on any rank (ZsRE's names in a CounterFact run, fluency of records without generation prompts) is left
+    out: its mean is 0/0."""
+    with warnings.catch_warnings():  # "compute before update" on a rank (or a key) without any record
+        warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+        values = metrics.compute()
+    out = {k: float(values[(metrics.prefix or "") + _slot(k)]) for k in keys}
+    return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
 def scored_prefix(tok, prompt: str) -> list[int]:
@@ -86,25 +102,37 @@ def scored_pairs(r: EditRequest) -> list[tuple[str, int, str, str, str]]:
     return pairs
 
 
-def record_scores(model, tok, requests: list[EditRequest]) -> list[dict[str, float]]:
-    """Per-request efficacy / generalization / specificity in [0, 1] (a key is absent when the record has no prompt for it)."""
+def _probability(nll: float, n_tokens: int, magnitude: str) -> float:
+    """p(target | prompt) from its mean token NLL: the geometric mean per token (``token_mean``, the reference
+    code's ``exp(-NLL)``) or the whole target's probability (``sequence``)."""
+    return math.exp(-nll * (n_tokens if magnitude == "sequence" else 1))
+
+
+def record_scores(model, tok, requests: list[EditRequest], magnitude: str = "token_mean") -> list[dict[str, float]]:
+    """Per-request scores (a key is absent when the record has no prompt for it).
+
+    CounterFact / world: ``efficacy``, ``generalization``, ``specificity`` in [0, 1] and their
+    ``*_magnitude`` in [-1, 1] (``magnitude``: one of :data:`MAGNITUDES`). ZsRE: ``rewrite_acc``,
+    ``paraphrase_acc``, ``neighborhood_acc`` (:data:`ZSRE_KEYS`)."""
+    if magnitude not in MAGNITUDES:
+        raise ValueError(f"magnitude must be one of {MAGNITUDES}, got {magnitude!r}")
     prompts, targets, where = [], [], []  # where: (request, metric, prompt slot, which target)
     for i, r in enumerate(requests):
         for key, j, which, p, t in scored_pairs(r):
             prompts.append(p), targets.append(t), where.append((i, key, j, which))
     nll, top1 = score_targets(model, tok, prompts, targets)
     table: dict = {}
-    for (i, key, j, which), a, b in zip(where, nll, top1):
-        table.setdefault((i, key, j), {})[which] = (a, b)
+    for (i, key, j, which), t, a, b in zip(where, targets, nll, top1):
+        table.setdefault((i, key, j), {})[which] = (a, b, len(target_ids(tok, t)))
     per: list[dict[str, list[float]]] = [{} for _ in requests]
     for (i, key, j), v in table.items():
         if "acc" in v:
-            ok = v["acc"][1]
-        elif key == "specificity":
-            ok = float(v["true"][0] < v["new"][0])
-        else:
-            ok = float(v["true"][0] > v["new"][0])
-        per[i].setdefault(key, []).append(ok)
+            per[i].setdefault(ZSRE_KEYS[key], []).append(v["acc"][1])
+            continue
+        p_new, p_true = (_probability(v[w][0], v[w][2], magnitude) for w in ("new", "true"))
+        sign = -1.0 if key == "specificity" else 1.0  # the neighbourhood should keep the true target
+        per[i].setdefault(key, []).append(float(sign * (v["true"][0] - v["new"][0]) > 0))
+        per[i].setdefault(f"{key}_magnitude", []).append(sign * (p_new - p_true))
     return [{k: sum(v) / len(v) for k, v in d.items()} for d in per]
 
 

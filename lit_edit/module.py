@@ -8,7 +8,10 @@ edit quality; ``RunRecord`` appends the ledger.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -17,13 +20,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lit_edit import checks, runs
 from lit_edit import distributed as dist
-from lit_edit.callbacks import ClosedFormEdit, RunRecord
+from lit_edit.callbacks import ClosedFormEdit, RunRecord, progress_bar
 from lit_edit.editing import StepStats
 from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.methods import Columns, Env, TargetMethod, VStar
 from lit_edit.data.lengths import fitting_requests
 from lit_edit.evaluation import LiveEdits, Scores
 from lit_edit.models import generate_context_templates, load_model
+from lit_edit.monitor import Monitor
 from lit_edit.requests import EditRequest
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, layer_stats
@@ -49,6 +53,17 @@ class EditPlan:
         return [r for r in self.requests if r.writes]
 
 
+# Lightning messages that describe an editing run's design, not a problem: the LLM is frozen (no optimizer, every
+# module in eval mode, ModelCheckpoint's note on manual optimisation), Lightning 2.6's own pytree call is deprecated
+# in torch 2.13, the step's scalars go to the logger directly (not through log_every_n_steps) and the fit start
+# advertises a cloud logger. Matched narrowly, once.
+for _message in (r".*configure_optimizers` returned `None`", r"Found \d+ module\(s\) in eval mode",
+                 r".*isinstance\(treespec, LeafSpec\)` is deprecated", r"Using ModelCheckpoint with manual optimization",
+                 r"The number of training batches \(\d+\) is smaller than the logging interval"):
+    warnings.filterwarnings("ignore", message=_message)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+
+
 class EditModule(L.LightningModule):
     """A frozen causal LM being edited one batch of requests per step.
 
@@ -66,8 +81,10 @@ class EditModule(L.LightningModule):
         eval_every_n_steps: evaluate all requests edited so far every N steps (retention curve); 0 = never.
         eval_pre: evaluate the unedited model on the whole stream once (the ``pre.`` metrics).
         export_dir: if set, ``save_pretrained`` the edited model (safetensors) at the end of fit.
-        independent: evaluate each batch right after its edit, then restore the edited weights and the solver state
-            (the non-sequential protocol of MUKE and EasyEdit); the final metrics are those per-batch scores.
+        protocol: how the final metrics are taken (docs/metrics.md, "Protocols"): ``"sequential"`` (every live edit
+            scored on the final model: AlphaEdit's, MEMIT's and OTE–SE's protocol), ``"immediate"`` (each batch scored
+            right after its own write, edits kept) or ``"independent"`` (each batch written, scored, then the edited
+            weights and the solver state restored: MUKE's and EasyEdit's single-edit protocol).
         sync_check_every_n_steps: under DDP, compare a checksum of the edited weights across ranks every N steps
             (a raise if they ever differ); 0 = never. No-op on one process.
         trust_remote_code: let transformers run the custom modelling code a hub or local model ships (passed to
@@ -82,14 +99,14 @@ class EditModule(L.LightningModule):
                  method: TargetMethod | None = None, stats: StatsConfig = StatsConfig(),
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
-                 export_dir: str | None = None, sync_check_every_n_steps: int = 1, independent: bool = False,
+                 export_dir: str | None = None, sync_check_every_n_steps: int = 1, protocol: str = "sequential",
                  trust_remote_code: bool = False, allow_changed: list[str] = []) -> None:
         super().__init__()
         # hparams.yaml / TensorBoard: the run's settings as plain values (components are added below as dicts);
         # a resume compares run_settings(), stored in the checkpoint, not these
         self.save_hyperparameters(ignore=["solver", "method", "stats", "allow_changed"])
         checks.edit_module_args(model, layers, dtype, context_templates, context_seed, eval_every_n_steps,
-                                sync_check_every_n_steps, allow_changed)
+                                sync_check_every_n_steps, allow_changed, protocol)
         self.model_name, self.layers, self.dtype_name = model, sorted(layers), dtype
         self.solver = solver if solver is not None else AlphaEdit()
         self.method = method if method is not None else VStar()
@@ -101,9 +118,10 @@ class EditModule(L.LightningModule):
         self.hparams.update(method={"class_path": _path(self.method), "init_args": self.method.settings()},
                             solver={"class_path": _path(self.solver), "init_args": self.solver.settings()},
                             stats=self.stats_cfg.__dict__.copy())
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what the logger writes to hparams.yaml
         self.layout_override, self.context_spec, self.context_seed = layout, context_templates, context_seed
         self.eval_every_n_steps, self.eval_pre, self.export_dir = eval_every_n_steps, eval_pre, export_dir
-        self.sync_check_every_n_steps, self.independent = sync_check_every_n_steps, independent
+        self.sync_check_every_n_steps, self.protocol = sync_check_every_n_steps, protocol
         self.trust_remote_code, self.allow_changed = trust_remote_code, list(allow_changed)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
@@ -121,7 +139,7 @@ class EditModule(L.LightningModule):
         drop it from the stream (``drop(case_ids)``, so the checkpointed stream is the filtered one) and the
         stream's settings (``data.*``, compared on resume)."""
         self.requests, self._on_invalid, self._drop = list(requests), on_invalid, drop
-        self._data_settings = dict(settings or {})
+        self.data_settings = dict(settings or {})
         self.edits.connect(self.requests)
 
     def configure_model(self) -> None:
@@ -136,14 +154,18 @@ class EditModule(L.LightningModule):
         if self.layers[-1] >= n_layers or self.layers[0] < 0:
             raise ValueError(f"layers {self.layers} out of range for a model with {n_layers} blocks")
         self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
+        for cb in self.trainer.callbacks if self._trainer is not None else []:
+            if isinstance(cb, Monitor):  # the unedited matrices, before a checkpoint's are restored
+                cb.capture_unedited(self)
         self.env = Env(self.llm, self.tok, self.layout, self.layers, self.context, self.solver)
         self.method.bind(self.env)
         self.connect(fitting_requests(self.method, self.requests, self._on_invalid, self._drop), self._on_invalid,
-                     self._drop, self._data_settings)
+                     self._drop, self.data_settings)
         C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
         self.solver.setup(C0)
-        if self.eval_pre and self.requests and not (self._trainer is not None and self.trainer.ckpt_path):
-            self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes])
+        if self.eval_pre and self.requests and not (self._trainer is not None and (self.trainer.ckpt_path or
+                                                                                 self.trainer.testing)):
+            self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes], "pre-edit scores")
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
@@ -156,7 +178,8 @@ class EditModule(L.LightningModule):
         return None  # the LLM is frozen; the inner optimisations own their optimisers
 
     def configure_callbacks(self):
-        return [ClosedFormEdit(), RunRecord()]  # in this order: the write, then its record
+        bar = progress_bar(self.trainer)
+        return [ClosedFormEdit(), RunRecord()] + ([bar] if bar else [])  # in this order: the write, then its record
 
     # -- the step -------------------------------------------------------------------------
     def training_step(self, batch: list, batch_idx: int):
@@ -190,9 +213,31 @@ class EditModule(L.LightningModule):
         edited = self.edits.edited()
         if not edited:
             return None
-        result, per_record = self.scores.final(self.env, edited, self.independent, self.device)
+        result, per_record = self.scores.final(self.env, edited, self.protocol != "sequential", self.device)
         self.final_scores = {k: v for k, v in result.items() if k in self.method.evaluator.keys}
         return result, per_record
+
+    # -- evaluate only: ``train.py test [--ckpt_path C]`` -------------------------------------
+    def on_test_start(self) -> None:
+        self.scores.post = {}  # the scores of this test, by case id
+
+    def test_step(self, batch: list, batch_idx: int) -> None:
+        """Score the batch's requests on the model as it is: the unedited model, or a checkpoint's (then only its
+        live edits are scored, as its fit's final evaluation did). A collective under DDP."""
+        live = set(self.edits.ids)
+        todo = [r for r in batch if r.writes and (not live or r.case_id in live)]
+        self.scores.post.update(self.scores.records(self.env, todo))
+
+    def test_evaluation(self) -> tuple[dict, list[dict]] | None:
+        """The test's metrics (with a checkpoint's pre-edit values; on the unedited model, ``pre.*`` equals the
+        scores) and per-record scores; None when nothing was scored."""
+        scored = [r for r in self.requests if r.case_id in self.scores.post]
+        if not scored:
+            return None
+        if not self.edits.ids:
+            self.scores.pre = dict(self.scores.post)
+        result, per_record = self.scores.final(self.env, scored, True, self.device)
+        return {**result, "n_edits": len(self.edits.ids)}, per_record
 
     # -- checkpoints: only what changed ------------------------------------------------------
     def edited_weights(self) -> list[torch.Tensor]:
@@ -203,12 +248,12 @@ class EditModule(L.LightningModule):
         (``model.method.init_args.v_lr``, ``data.batch_size``): stored in each checkpoint and compared on resume."""
         s = {"model.model": self.model_name, "model.dtype": self.dtype_name, "model.layers": self.layers,
              "model.layout": self.layout_override, "model.context_templates": self.context_spec,
-             "model.context_seed": self.context_seed, "model.independent": self.independent}
+             "model.context_seed": self.context_seed, "model.protocol": self.protocol}
         for key in ("solver", "method"):
             s[f"model.{key}.class_path"] = self.hparams[key]["class_path"]
             s.update(runs.flatten(self.hparams[key]["init_args"], f"model.{key}.init_args"))
         s.update(runs.flatten(self.hparams["stats"], "model.stats"))
-        s.update(runs.flatten(self._data_settings, "data"))
+        s.update(runs.flatten(self.data_settings, "data"))
         return s
 
     def edited_param_names(self) -> list[str]:

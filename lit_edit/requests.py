@@ -44,8 +44,9 @@ class EditRequest(_Operation):
     ``prompt`` holds exactly one ``{}`` for the subject. Evaluation prompts come with it:
     paraphrases (generalization), neighbourhood prompts (specificity; scored against
     ``target_true`` for CounterFact, or against ``neighborhood_targets`` for ZsRE, where each
-    neighbourhood prompt has its own answer), attribute and generation prompts (fluency, not
-    used by the core metrics).
+    neighbourhood prompt has its own answer), attribute prompts (not scored) and generation prompts
+    (fluency and consistency, ``docs/metrics.md``). ``target_new_id``: the new object's id (CounterFact's
+    Wikidata id, ``requested_rewrite.target_new.id``), which selects the consistency reference texts.
     """
 
     case_id: int | str
@@ -59,6 +60,7 @@ class EditRequest(_Operation):
     attribute_prompts: list[str] = field(default_factory=list)
     generation_prompts: list[str] = field(default_factory=list)
     relation_id: str | None = None
+    target_new_id: str | None = None
     source: str = "counterfact"  # "counterfact" | "zsre" | "world": selects the metric family
     op: str = "insert"  # "insert" | "replace" (new value for an edited fact) | "remove" (forget an edited fact)
 

@@ -72,29 +72,17 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 
 def iter_texts(cfg: StatsConfig) -> Iterator[str]:
-    """Stream the corpus through HF ``datasets``; yields at most ``n_samples`` non-empty texts."""
-    import datasets
+    """Stream the corpus through HF ``datasets`` (:func:`lit_edit.data.files.iter_texts`); yields at most
+    ``n_samples`` non-empty texts. ``world[:preset]`` is the world's own ``corpus.txt``."""
+    from lit_edit.data.files import iter_texts as corpus_texts
 
     src = cfg.dataset
     if src.startswith("world"):
         from lit_edit.world import ensure_world, resolve_world_name
 
         src = str(ensure_world(resolve_world_name(src)) / "corpus.txt")
-    if Path(src).exists():
-        builder = "text" if src.endswith(".txt") else "json"
-        ds = datasets.load_dataset(builder, data_files=src, split=cfg.split, streaming=True)
-    else:  # pragma: no cover - needs the hub
-        ds = datasets.load_dataset(src, cfg.config_name, split=cfg.split, streaming=True)
-        if cfg.shuffle_seed is not None:
-            ds = ds.shuffle(seed=cfg.shuffle_seed, buffer_size=10_000)
-    n = 0
-    for row in ds:
-        text = row[cfg.text_field]
-        if text and text.strip():
-            yield text
-            n += 1
-            if n >= cfg.n_samples:
-                return
+    yield from corpus_texts(src, cfg.text_field, cfg.n_samples, config_name=cfg.config_name, split=cfg.split,
+                            shuffle_seed=cfg.shuffle_seed, settings="model.stats")
 
 
 def compute_second_moments(model, tok, layout, layers: list[int], texts, max_length: int, batch_tokens: int):

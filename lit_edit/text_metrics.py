@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from lit_edit.tokens import bos_ids, context_length, encode, pad_id
+from lit_edit.generation import _chunks, generate_greedy
+from lit_edit.tokens import bos_ids, context_length, encode
 
 # --------------------------------------------------------------------------------------------
 # Unstructured (long-form) edits: greedy generation scored with BLEU / ROUGE-L (§9 "MUKE")
@@ -38,102 +39,6 @@ BLEU_LEVELS = ("word", "char")
 ROUGE_STATS = ("fmeasure", "recall", "precision", "reference_recall")
 TEXT_STYLES = ("torchmetrics", "reference")
 BERTSCORE_MODES = ("bertscore", "cosine")
-
-
-def _chunks(n: int, size: int):
-    return (range(i, min(i + size, n)) for i in range(0, n, size))
-
-
-@torch.no_grad()
-def generate_greedy(model, tok, prompts: list[str], max_new_tokens, *, batch_size: int = 8,
-                    padding_side: str = "left", stop_ids=None, strip: bool = True,
-                    return_ids: bool = False) -> list:
-    """Greedy continuations of ``prompts``, in batches, identical to generating one at a time.
-
-    Each prompt is encoded as lit_edit does everywhere (the tokenizer's BOS once, then the text
-    without special tokens). ``max_new_tokens`` is one int or one per prompt; a row stops at its
-    own limit or after a stop token (default: the tokenizer's EOS and, with a chat template, the
-    end-of-turn token), which is not part of the output.
-
-    Padding is done here, on ``padding_side`` ("left" or "right"), whatever the tokenizer's own
-    setting: pad columns are masked out and every real token gets its unpadded position id
-    (``cumsum(mask) - 1``), and new tokens are appended after the prompt block with the KV cache,
-    the row's own next position id and a mask that keeps its pad columns hidden. So both sides
-    give the same tokens as unbatched generation (up to float round-off in near-ties).
-    Returns the decoded texts (special tokens skipped, ``strip``-ped), or the new token ids.
-    """
-    from lit_edit.requests import end_of_turn
-
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(limits) != len(prompts) or any(n < 0 for n in limits):
-        raise ValueError("max_new_tokens must be one int >= 0 or one per prompt")
-    if stop_ids is None:
-        stop_ids = {tok.eos_token_id} - {None}
-        eot = end_of_turn(tok)
-        if eot is not None:
-            stop_ids.add(tok.convert_tokens_to_ids(eot))
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
-    bos = bos_ids(tok)
-    seqs = [bos + encode(tok, p) for p in prompts]
-    for i, s in enumerate(seqs):
-        if not s:
-            raise ValueError(f"prompt {i} is empty and the tokenizer adds no BOS: nothing to condition on")
-    ctx = context_length(model)
-    for i, (s, n) in enumerate(zip(seqs, limits)):
-        if ctx is not None and len(s) + n - 1 > ctx:
-            raise ValueError(f"prompt {i} ({len(s)} tokens) + {n} new tokens exceeds the model's context of {ctx}")
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    stop = stop.to(dev)
-    pad = pad_id(tok)
-    out: list[list[int]] = [[] for _ in prompts]
-    try:
-        # long generations first and together: a batch runs until its longest row is done
-        order = sorted(range(len(prompts)), key=lambda i: (-limits[i], -len(seqs[i])))
-        for chunk in _chunks(len(order), batch_size):
-            rows = [order[j] for j in chunk]
-            if max(limits[i] for i in rows) == 0:
-                continue
-            lens = torch.tensor([len(seqs[i]) for i in rows], device=dev)
-            width = int(lens.max())
-            ids = torch.full((len(rows), width), pad, dtype=torch.long, device=dev)
-            mask = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
-            for b, i in enumerate(rows):
-                cols = slice(width - len(seqs[i]), width) if padding_side == "left" else slice(0, len(seqs[i]))
-                ids[b, cols] = torch.tensor(seqs[i], device=dev)
-                mask[b, cols] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            last = torch.full_like(lens, width - 1) if padding_side == "left" else lens - 1
-            logits = res.logits[torch.arange(len(rows), device=dev), last]
-            past = res.past_key_values
-            limit = torch.tensor([limits[i] for i in rows], device=dev)
-            done = limit == 0
-            for step in range(int(limit.max())):
-                nxt = logits.float().argmax(-1)
-                done |= torch.isin(nxt, stop)
-                for b, i in enumerate(rows):
-                    if not done[b]:
-                        out[i].append(int(nxt[b]))
-                done |= (step + 1) >= limit
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                pos = lens + step
-                if ctx is not None:  # rows already done keep being fed; keep their (unused) positions in range
-                    pos = pos.clamp(max=ctx - 1)
-                res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            past_key_values=past, use_cache=True)
-                logits, past = res.logits[:, -1], res.past_key_values
-    finally:
-        model.train(was_training)
-    if return_ids:
-        return out
-    texts = [tok.decode(ids, skip_special_tokens=True) for ids in out]
-    return [t.strip() for t in texts] if strip else texts
 
 
 def _bleu_tokens(text: str) -> str:

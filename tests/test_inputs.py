@@ -147,7 +147,8 @@ def test_structured_check_is_exactly_the_scorers_limit():
     req = EditRequest(7, "{} lives in the city of", "Anna Berk", "London", "the city of Paris",
                       paraphrase_prompts=["Anna Berk lives in", fits])
     assert check_structured_length(req, tok, model) is req
-    assert set(record_scores(model, tok, [req])[0]) == {"efficacy", "generalization"}
+    assert set(record_scores(model, tok, [req])[0]) == {"efficacy", "generalization", "efficacy_magnitude",
+                                                        "generalization_magnitude"}
     req.paraphrase_prompts[1] = fits + " the"
     with pytest.raises(EditRequestError) as err:
         check_structured_length(req, tok, model)

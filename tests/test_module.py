@@ -54,10 +54,10 @@ def test_edits_land_and_metrics_json_is_written(fitted):
     assert set(metrics) >= {"efficacy", "generalization", "specificity", "pre.efficacy", "pre.generalization",
                             "pre.specificity", "n_edits"}
     assert metrics["n_edits"] == 24
-    assert metrics["pre.efficacy"] < 0.2  # the world model knows the true facts
+    assert metrics["pre.efficacy"] < 20  # the world model knows the true facts (metrics.json is in percent)
     # the world's edits land only partly so far (see the issue note); assert they clearly do land
-    assert metrics["efficacy"] >= metrics["pre.efficacy"] + 0.3
-    assert metrics["specificity"] >= metrics["pre.specificity"] - 0.3
+    assert metrics["efficacy"] >= metrics["pre.efficacy"] + 30
+    assert metrics["specificity"] >= metrics["pre.specificity"] - 30
     ledger = (__import__("pathlib").Path(trainer.log_dir) / "edits.jsonl").read_text().splitlines()
     assert len(ledger) == 24 and json.loads(ledger[0])["case_id"] == dm.requests[0].case_id
 
@@ -151,15 +151,17 @@ def test_prompt_too_long_is_refused_before_any_edit(tiny_world, tmp_path):
 
 
 def test_retention_curve_is_logged_once_per_interval(fitted):
-    """edited/* (all requests edited so far) appear in TensorBoard exactly at the eval steps, with no stale repeats."""
+    """edited/* (all requests edited so far) appear in TensorBoard exactly at the eval steps, with no stale repeats,
+    after the unedited model's point at step 0; in percent, as metrics.json."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     module, _, trainer, _ = fitted
     ea = EventAccumulator(trainer.log_dir)
     ea.Reload()
     steps = [e.step for e in ea.Scalars("edited/efficacy")]
-    assert steps == [2, 4]  # 4 steps, eval_every_n_steps=2
-    assert ea.Scalars("edited/efficacy")[-1].value == pytest.approx(module.final_scores["efficacy"])
+    assert steps == [0, 2, 4]  # 4 steps, eval_every_n_steps=2
+    # 0.01: the reported values are rounded to 2 decimals of a percent (lit_edit.report)
+    assert ea.Scalars("edited/efficacy")[-1].value == pytest.approx(100 * module.final_scores["efficacy"], abs=0.01)
 
 
 def stream_with_removals(tmp_path):
@@ -225,9 +227,9 @@ def test_removing_an_unknown_fact_is_refused_before_any_edit(tiny_world, tmp_pat
 
 
 def test_independent_mode_scores_each_batch_then_restores(tiny_world, tmp_path):
-    """independent=True (MUKE/EasyEdit protocol): each batch is scored right after its own edit, then the weights and
+    """protocol="independent" (MUKE/EasyEdit protocol): each batch is scored right after its own edit, then the weights and
     the solver state go back; the run ends on the unedited weights and reports the per-batch scores."""
-    module, dm = make_module(independent=True), EditDataModule(path="world:tiny", limit=6, batch_size=3)
+    module, dm = make_module(protocol="independent"), EditDataModule(path="world:tiny", limit=6, batch_size=3)
     fresh = make_module()
     fresh.configure_model()
     before = edited_weights(fresh)
@@ -238,5 +240,7 @@ def test_independent_mode_scores_each_batch_then_restores(tiny_world, tmp_path):
     assert module.solver.state_dict()["n_edits"] == 0
     metrics = json.loads((__import__("pathlib").Path(trainer.log_dir) / "metrics.json").read_text())
     assert metrics["n_edits"] == 6 and set(module.scores.post) == {r.case_id for r in dm.requests}
-    assert metrics["efficacy"] >= metrics["pre.efficacy"] + 0.3  # the edits landed while they were in
-    assert metrics["efficacy"] == pytest.approx(sum(s["efficacy"] for s in module.scores.post.values()) / 6)
+    assert metrics["efficacy"] >= metrics["pre.efficacy"] + 30  # the edits landed while they were in (percent)
+    # 0.01: metrics.json is rounded to 2 decimals of a percent (lit_edit.report)
+    assert metrics["efficacy"] == pytest.approx(100 * sum(s["efficacy"] for s in module.scores.post.values()) / 6,
+                                                abs=0.01)

@@ -251,10 +251,12 @@ def test_abbreviated_options_are_refused(capsys):
     assert "v_num_grad_step" in capsys.readouterr().err
 
 
-def test_only_fit_is_offered(capsys):
-    for sub in ("validate", "test", "predict"):
+def test_only_fit_and_test_are_offered(capsys):
+    """validate and predict have no meaning here (test scores without editing: tests/test_reporting.py)."""
+    for sub in ("validate", "predict"):
         with pytest.raises(SystemExit):
             main([sub, "--config", str(CONFIG)])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_shipped_checkpoint_names_match_the_readme_resume_command():

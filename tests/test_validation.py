@@ -210,8 +210,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_cli_refuses_bad_yaml_value(edit, expected, tmp_path, monkeypatch, capsys):
     from tests.test_configs import cli_for
 
-    # configs/default.yaml with one bad value, written over it as a config that names it as its base
-    (tmp_path / "bad.yaml").write_text(f"base: {ROOT / 'configs' / 'default.yaml'}\n{edit}\n")
+    # configs/world/metake.yaml (MetaKE over AlphaEdit) with one bad value, in a config that names it as its base
+    (tmp_path / "bad.yaml").write_text(f"base: {ROOT / 'configs' / 'world' / 'metake.yaml'}\n{edit}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises((ValueError, SystemExit)) as err:

@@ -162,3 +162,65 @@ def load_records(path_or_id: str, split: str = "train", limit: int | None = None
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset.to_list()
+
+
+# -- rows of any table or text corpus (the C0 corpus, the monitor's drift text, probe tasks) ---------------------
+ROW_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def stream_rows(path_or_id: str, config_name: str | None = None, split: str = "train", *, setting: str,
+                shuffle_seed: int | None = None):
+    """The rows (dicts) of a local file, a local dataset directory or a hub dataset, streamed through
+    ``datasets.load_dataset`` (nothing is loaded whole). A local file is read with the builder of its suffix
+    (:data:`ROW_BUILDERS`: ``.txt`` gives one row ``{"text": line}`` per line); a hub corpus is shuffled with
+    ``shuffle_seed`` (a buffer of 10,000 rows) unless it is None. ``setting`` names the config entry in errors: a
+    missing local path raises ``FileNotFoundError`` and an unknown suffix or a dataset ``datasets`` cannot open
+    an :class:`EditDataError`, both naming the path and the setting."""
+    import datasets
+
+    path = Path(path_or_id).expanduser()
+    if path.is_file():
+        builder = ROW_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise EditDataError(f"{setting}: cannot read {path}: the suffix {path.suffix!r} is none of "
+                                f"{', '.join(ROW_BUILDERS)}")
+        source, load = str(path), lambda: datasets.load_dataset(builder, data_files=str(path), split=split,
+                                                                streaming=True)
+    elif path.is_dir():
+        source, load = str(path), lambda: datasets.load_dataset(str(path), split=split, streaming=True)
+    elif path.suffix in ROW_BUILDERS or looks_like_local_path(path_or_id):
+        raise FileNotFoundError(f"{setting}: file or directory {path_or_id} does not exist")
+    else:  # pragma: no cover - needs the hub
+        source = f"hub dataset {path_or_id!r}"
+        load = lambda: datasets.load_dataset(path_or_id, config_name, split=split, streaming=True)  # noqa: E731
+    try:
+        ds = load()
+    except Exception as err:  # datasets' own errors rarely say which file or id they were loading
+        raise EditDataError(f"{setting}: cannot load {source} (split {split!r}): {type(err).__name__}: {err}") from err
+    if shuffle_seed is not None and not path.exists():  # pragma: no cover - needs the hub
+        ds = ds.shuffle(seed=shuffle_seed, buffer_size=10_000)
+    return ds
+
+
+def row_field(row: dict, field: str, source: str, setting: str) -> Any:
+    """``row[field]``, or an :class:`EditDataError` naming the field, the source, its fields and the setting."""
+    if field not in row:
+        raise EditDataError(f"{setting}: {source} has no field {field!r} (its fields: {', '.join(map(str, row))})")
+    return row[field]
+
+
+def iter_texts(path_or_id: str, text_field: str, n_samples: int, *, config_name: str | None = None,
+               split: str = "train", shuffle_seed: int | None = None, settings: str):
+    """At most ``n_samples`` non-empty texts (the ``text_field`` of each row) of :func:`stream_rows`. ``settings``
+    is where the config names them (``model.stats``): errors name ``<settings>.dataset`` or ``.text_field``."""
+    n = 0
+    if n_samples <= 0:
+        return
+    rows = stream_rows(path_or_id, config_name, split, setting=f"{settings}.dataset", shuffle_seed=shuffle_seed)
+    for row in rows:
+        text = row_field(row, text_field, path_or_id, f"{settings}.text_field")
+        if text and str(text).strip():
+            yield str(text)
+            n += 1
+            if n >= n_samples:
+                return

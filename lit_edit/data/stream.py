@@ -294,6 +294,13 @@ class EditDataModule(L.LightningDataModule):
         self._check_no_distributed_sampler()
         return EditLoader(self.requests, self.batch_size, cursor=self._require_cursor())
 
+    def test_dataloader(self) -> EditLoader:
+        """The whole stream in order, for an evaluate-only run (``train.py test``): nothing is applied and the
+        stream's position (a checkpoint's, if one is given) is left as it is."""
+        self._check_no_distributed_sampler()
+        self._require_cursor()
+        return EditLoader(self.requests, self.batch_size)
+
     def _check_no_distributed_sampler(self) -> None:
         """Fail early, with the fix, if Lightning is about to re-shard our loader across ranks."""
         trainer = self.trainer

@@ -33,8 +33,15 @@ def _counterfact_rewrite(case_id: Any, rewrite: Any, record: dict, source: str) 
         attribute_prompts=_str_list(record, "attribute_prompts"),
         generation_prompts=_str_list(record, "generation_prompts"),
         relation_id=rewrite.get("relation_id"),
+        target_new_id=_target_id(target_new),
         source=source,
     )
+
+
+def _target_id(target: dict) -> str | None:
+    """A target's id (CounterFact: the Wikidata id of the object), kept as text; None when absent."""
+    value = target.get("id") if isinstance(target, dict) else None
+    return None if value is None else str(value)
 
 
 def _counterfact_requests(index: int, record: dict, source: str) -> list[EditRequest]:
