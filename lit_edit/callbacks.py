@@ -252,7 +252,8 @@ class RunRecord(L.Callback):
         if not trainer.testing and (step % max(m.eval_every_n_steps, 1) or not m.eval_every_n_steps):
             self._log_samples(trainer, m, step)
         if m.logger is not None:  # hparams with the final metrics (TensorBoard's HPARAMS tab)
-            m.logger.log_hyperparams(dict(m.hparams), metrics={f"hp/{k}": v for k, v in numbers.items()})
+            m.logger.log_hyperparams(dict(m.hparams), metrics={f"hp/{k}": v for k, v in numbers.items()
+                                                               if not k.startswith("pre.")})
         if m.export_dir:
             m.llm.save_pretrained(m.export_dir)
             m.tok.save_pretrained(m.export_dir)
