@@ -82,6 +82,7 @@ class RunRecord(L.Callback):
     # -- the run directory ----------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
         self._claim_dir(trainer, trainer.ckpt_path)
+        self._attach_solver(pl_module)
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._resume = None  # a test writes a new run directory, whatever checkpoint it scores
@@ -101,6 +102,20 @@ class RunRecord(L.Callback):
         problem = dist.broadcast_object(problem)
         if problem is not None:
             raise runs.RunDirError(problem)
+
+    def _attach_solver(self, pl_module) -> None:
+        """The solver's ledger of applied edits lives in the run directory (docs/algorithms.md §6.6), one copy per
+        rank; on a resume attaching checks it against the checkpoint. Every rank stops if any rank's check fails."""
+        failed = None
+        try:
+            pl_module.solver.attach(runs.solver_ledger_dir(self.run_dir, dist.rank()))
+        except (runs.RunDirError, runs.CheckpointError, OSError) as err:
+            failed = err
+        problems = [p for p in dist.all_gather_objects(failed and str(failed)) if p]
+        if failed is not None:
+            raise failed
+        if problems:
+            raise runs.CheckpointError(problems[0])
 
     def _claim(self, run_dir: Path, ckpt_path: str | None) -> None:
         if self._resume is not None:

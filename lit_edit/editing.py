@@ -175,7 +175,7 @@ def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: tor
         raise ValueError(f"{Z.shape[0]} targets for {cols.n_targets} target columns of {len(writes)} inserted/replaced "
                          f"requests")
     saved_w = {l: get_weight(model, layout, l).clone() for l in layers}
-    saved_solver = solver.state_dict()  # references: the solver replaces its tensors, never mutates them
+    saved_solver = solver.state_dict()  # references: the solver never writes in place what a state_dict covers
     stats = StepStats(dropped=list(drops))
     ids = [r.case_id for r in requests]
     try:
@@ -205,7 +205,7 @@ def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: tor
                     stats.regularizer_change[l] = ((applied - raw[l]).norm() / raw[l].norm().clamp(min=1e-30)).item()
                 if applied is not raw[l]:  # a regulariser changed Δ: write W_before + Φ(Δ) instead of the raw Δ
                     _check_finite(applied, l)
-                    set_weight(model, layout, l, W_before[l] + applied.to(W_before[l].dtype))
+                    set_weight(model, layout, l, W_before[l] + applied.to(W_before[l].device, W_before[l].dtype))
                 stats.update_norm[l] = applied.norm().item()
         solver.finish_batch(cols.ids)
         for l in layers:

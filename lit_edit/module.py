@@ -30,7 +30,7 @@ from lit_edit.models import generate_context_templates, load_model
 from lit_edit.monitor import Monitor
 from lit_edit.requests import EditRequest
 from lit_edit.solvers import AlphaEdit, Solver
-from lit_edit.stats import StatsConfig, layer_stats
+from lit_edit.stats import StatsConfig, c0_files
 from lit_edit.targets import TargetResult, hidden_size, opt_dtype
 
 
@@ -161,8 +161,8 @@ class EditModule(L.LightningModule):
         self.method.bind(self.env)
         self.connect(fitting_requests(self.method, self.requests, self._on_invalid, self._drop), self._on_invalid,
                      self._drop, self.data_settings)
-        C0 = layer_stats(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
-        self.solver.setup(C0)
+        C0 = c0_files(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
+        self.solver.setup(C0.load_all(), source=C0)  # the solver re-reads C0 from its cache files, not keeping A_0
         if self.eval_pre and self.requests and not (self._trainer is not None and (self.trainer.ckpt_path or
                                                                                  self.trainer.testing)):
             self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes], "pre-edit scores")

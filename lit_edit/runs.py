@@ -9,7 +9,8 @@
   corrupted checkpoint is refused at once rather than failing steps later in a Cholesky factorisation.
 * :class:`Ledger` — ``edits.jsonl``, one line per applied request. Lines are appended after each step; a
   checkpoint records how many lines existed when it was taken, and a resume truncates the ledger back to that
-  count, so after any crash + resume it holds exactly the applied edits, each once.
+  count, so after any crash + resume it holds exactly the applied edits, each once. The solver's ledger of keys
+  and values (``solver_ledger/``, :mod:`lit_edit.edit_ledger`) keeps its index the same way.
 * :class:`RunLock` — an exclusive ``flock`` on ``<run_dir>/.lock`` for the life of a fit, so two fits never
   write into one directory at once (the kernel drops it when the process dies, so a ``kill -9`` leaves no
   stale lock).
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -34,6 +34,7 @@ LEDGER = "edits.jsonl"
 METRICS = "metrics.json"
 SCORES = "scores.jsonl"
 CHECKPOINTS = "checkpoints"
+SOLVER_LEDGER = "solver_ledger"  # the solver's keys and values of applied edits (lit_edit.edit_ledger)
 
 
 class RunDirError(RuntimeError):
@@ -49,16 +50,19 @@ class CheckpointError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> None:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same directory (same file system,
-    so the rename is atomic), flushed and fsync'ed, then renamed over ``path``."""
+    so the rename is atomic), flushed and fsync'ed, then renamed over ``path``. ``data`` may be a function that
+    writes to the open file (a checkpoint streams to disk instead of being held in memory a second time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(raw)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,14 +75,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to memory, then :func:`atomic_write`; loading names the file on any failure."""
+    """``torch.save`` through :func:`atomic_write` (streamed to the temporary file); loading names the file on any
+    failure."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write(path, buffer.getbuffer())
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         p = Path(path)
@@ -100,7 +103,7 @@ def tensor_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, t in tensors:
         t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -149,23 +152,24 @@ def open_checkpoint(checkpoint: dict, path) -> dict:
 
 
 class Ledger:
-    """``<run_dir>/edits.jsonl``: one JSON line per applied request, appended step by step."""
+    """``<run_dir>/edits.jsonl`` (or another ``name``): one JSON line per record, appended step by step."""
 
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LEDGER
+    def __init__(self, run_dir: str | os.PathLike, name: str = LEDGER):
+        self.path = Path(run_dir) / name
 
-    def append(self, lines: list[dict]) -> None:
+    def append(self, lines: list[dict]) -> bytes:
         """Append one step's lines in one write, flushed to disk (a crash mid-write leaves at most a partial last
-        line, which :meth:`truncate` drops on resume)."""
+        line, which :meth:`truncate` drops on resume). Returns the bytes written."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(line) + "\n" for line in lines)
+        raw = "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8")
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(text)
+            with open(self.path, "ab") as f:
+                f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
             raise OSError(err.errno, f"could not append to the ledger {self.path} ({err.strerror or err})") from err
+        return raw
 
     def complete_lines(self) -> list[bytes]:
         """The ledger's complete lines (a partial last line, from a crash mid-write, is not one)."""
@@ -245,7 +249,17 @@ def run_outputs(run_dir: str | os.PathLike) -> list[str]:
     found = [name for name in (LEDGER, METRICS, SCORES) if (d / name).exists()]
     if any((d / CHECKPOINTS).glob("*.ckpt")):
         found.append(f"{CHECKPOINTS}/*.ckpt")
+    found += [f"{p.name}/" for p in sorted(d.glob(f"{SOLVER_LEDGER}*")) if p.is_dir() and any(p.iterdir())]
     return found
+
+
+def solver_ledger_dir(run_dir: str | os.PathLike | None, rank: int = 0) -> Path | None:
+    """The directory of the solver's ledger of applied edits in a run directory: ``solver_ledger`` for rank 0,
+    ``solver_ledger.rank<r>`` for the other ranks of a DDP run (each keeps its own identical copy, so no rank reads
+    another's files); None without a run directory."""
+    if run_dir is None:
+        return None
+    return Path(run_dir) / (SOLVER_LEDGER if rank == 0 else f"{SOLVER_LEDGER}.rank{rank}")
 
 
 def checkpoint_run_dir(ckpt_path: str | os.PathLike | None, recorded: str | None) -> Path | None:

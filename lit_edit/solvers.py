@@ -12,31 +12,40 @@ The aligned step (recursive least squares) is G*_t − G*_{t−1} = R_t K̃_tᵀ
 measured on the current weights, so the sum of the steps is the one-time solution. MEMIT_seq
 (Remark A.1) is P = I, α = 0; AlphaEdit is P = U0, λ = 0, α = L2.
 
-Fast, exact algebra: we keep Ainv = A⁻¹ (d×d, or r×r in the null-space basis) in float64 and change
-it by the step's rank-n term with Woodbury: with Y = K̃ᵀ A⁻¹ and L Lᵀ = I + K̃ᵀ A⁻¹ K̃ (n×n), Z = L⁻¹ Y,
+Fast, exact algebra: we keep A⁻¹ (d×d, or r×r in the null-space basis; float64 by default, ``inverse_dtype``)
+and change it by the step's rank-n term with Woodbury: with Y = K̃ᵀ A⁻¹ and L Lᵀ = I + K̃ᵀ A⁻¹ K̃ (n×n),
+Z = L⁻¹ Y,
 
     M = K̃ᵀ A_t⁻¹ = L⁻ᵀ Z,        A_t⁻¹ = A⁻¹ − Zᵀ Z.
 
 The rank-n terms are stacked (A_t⁻¹ = Ainv − Zsᵀ Zs) and folded into Ainv once ``fold_every`` keys
 have accumulated, so a step costs one d×d-by-n product (Y) instead of also rewriting the d×d
 matrix (a memory-bound pass that cost twice the product at d = 6400): O(d²n) per step against the
-O(d³) dense re-solve. Removing edits (rare) rebuilds A⁻¹ from
+O(d³) dense re-solve (:class:`lit_edit.solver_state.IncrementalInverse`). Removing edits (rare) rebuilds A⁻¹ from
 A_0 and the ledger's remaining keys instead of a Woodbury downdate: a downdate forms I − K̃ᵀA⁻¹K̃,
 a difference of numbers close to 1 when the removed keys dominate A in some direction, and loses
 as many digits as that direction's conditioning (measured: 1e-5 relative on the unit test's system).
+A_0 is not kept but rebuilt from C0 (:class:`lit_edit.solver_state.Preservation`), and the ledger of applied
+edits is on disk (:mod:`lit_edit.edit_ledger`), so the state does not grow with the number of edits.
 
 Every solver is affine in R: Δ = R·M + c, with the gate M = gate(layer, K) (n×d_in) carrying all of
 the R-dependence (docs/algorithms.md §7.6). MetaKE differentiates through that map; diagnostics read it.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lit_edit import checks
 from lit_edit.algebra import nullspace_basis, prune, rect, rect_mask, spd_inverse, sym_downdate, woodbury_response  # noqa: F401
+from lit_edit.edit_ledger import EditLedger
+from lit_edit.solver_state import C0Files, ErrorFeedback, Feedback, IncrementalInverse, Preservation, RunningSum
 
 MODES = ("aligned", "naive", "memorize_latest")
 REGULARIZERS = (None, "prune", "rect")
+DEVICES = ("model", "cpu")  # where the algebra runs: the model's device (where C0 arrives) or the host
+INVERSE_DTYPES = ("float64", "float32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,8 +59,8 @@ class Solver:
     the batch's keys (recomputed on the edited model) and stored values to the accumulated constraint,
     ``finalize`` returns what is finally written (a post-processing regulariser acts here), and
     ``finish_batch`` records the batch's fact ids. ``forget`` removes earlier edits (conflicts, forgetting).
-    State tensors are replaced, never mutated in place, so a ``state_dict`` taken before a step is a valid
-    snapshot to roll back to."""
+    No state tensor that a ``state_dict`` covers is written in place afterwards, so a ``state_dict`` taken before a
+    step is a valid snapshot to roll back to (``load_state_dict`` copies)."""
 
     on_conflict = "keep"  # an insert of an already edited fact: "keep" | "replace" | "error" (needs a ledger)
     regularizer: str | None = None  # post-processing of Δ in finalize ("prune" | "rect"), None = none
@@ -59,9 +68,14 @@ class Solver:
     def __init__(self) -> None:
         self.n_edits = 0
 
-    def setup(self, C0: dict[int, torch.Tensor]) -> None:
-        """Receives the uncentred key second moment C0 (§3) of every edited layer."""
+    def setup(self, C0: dict[int, torch.Tensor], source: C0Files | None = None) -> None:
+        """Receives the uncentred key second moment C0 (§3) of every edited layer, and where it can be read again
+        (the stats cache files; None: the solver keeps a copy on disk if it needs one)."""
         raise NotImplementedError
+
+    def attach(self, directory: str | Path | None) -> None:
+        """Where the solver keeps its on-disk state (the ledger of applied edits): the run directory's
+        ``solver_ledger`` (RunRecord calls this when the run directory is claimed), or None for a temporary one."""
 
     def gate(self, layer: int, K: torch.Tensor) -> torch.Tensor:
         """M (n×d_in): the R-dependent part of ``solve`` is R·M for any residual R (d_out×n)."""
@@ -119,27 +133,26 @@ class AlignedSolver(Solver):
         error_correction: feed the regulariser's error back (OTE–SE Algorithm 1, §6.4).
         on_conflict: what an ``insert`` of an already edited fact does: ``"replace"`` (drop the old entry,
             Prop. 3.5), ``"keep"`` (both entries stay and compete in the least squares) or ``"error"``.
-        keep_ledger: store every edit's per-layer keys and values (needed to remove or replace edits).
+        keep_ledger: store every edit's per-layer keys and values, on disk (needed to remove or replace edits).
         fold_every: fold the stacked Woodbury factors into the kept inverse once this many keys are pending.
+        device: ``"model"`` (the algebra runs where C0 arrives, the model's device) or ``"cpu"``.
+        inverse_dtype: ``"float64"`` (default) or ``"float32"``: the dtype of A⁻¹ and of all the solver's algebra
+            and state (set-up and the rebuild after a removal factorise in float64; docs/results.md §8 measures the
+            error of float32).
 
-    Error correction (Algorithm 1). With E_{t−1} the fed-back error, the raw step is
-    Δ_t = (R_t K_tᵀ − E_{t−1}) A_t⁻¹, Φ(Δ_t) is written and E_t = (Φ(Δ_t) − Δ_t) A_t. Invariant: with W_t the
-    written weights and B_t as above,
-        (W_t − W_0) A_t = B_t + E_t,
-    so W_{t−1} + Δ_t (the raw step) is exactly the one-time solution W_0 + B_t A_t⁻¹ at every step and the
-    written weights differ from it by Φ(Δ_t) − Δ_t only, the current step's error, never an accumulation.
-    Proof: (W_{t−1} − W_0 + Δ_t) A_t = (B_{t−1} + E_{t−1}) + (W_{t−1} − W_0) K_tK_tᵀ + R_tK_tᵀ − E_{t−1} = B_t.
-    We store F = E A⁻¹ (d_out×d_in) instead of E, so that E_{t−1} A_t⁻¹ = F − (F K_t) M_t costs O(d_out d n),
-    not O(d_out d²); an insert maps F to F − (F K̃) M, a removal to F + (F K̃_O) K̃_Oᵀ A'⁻¹.
+    The state (:meth:`state_dict`) per layer: A⁻¹ with its pending factors (:class:`IncrementalInverse`), F or S
+    (:class:`Feedback`), the checksum of C0; plus the ledger's length and checksum (:class:`EditLedger`, on disk).
+    U0 and A_0's diagonal are rebuilt by ``setup``. Nothing in it grows with the number of edits.
     """
 
     def __init__(self, mom2_update_weight: float = 3000.0, L2: float = 0.0, projector: str = "identity",
                  nullspace_threshold: float = 2e-2, mode: str = "aligned", regularizer: str | None = None,
                  rect_keep: float = 40.0, error_correction: bool = False, on_conflict: str = "replace",
-                 keep_ledger: bool = True, fold_every: int = 1024) -> None:
+                 keep_ledger: bool = True, fold_every: int = 1024, device: str = "model",
+                 inverse_dtype: str = "float64") -> None:
         super().__init__()
         self._check_args(mom2_update_weight, L2, projector, nullspace_threshold, mode, regularizer, rect_keep,
-                         error_correction, on_conflict, keep_ledger, fold_every)
+                         error_correction, on_conflict, keep_ledger, fold_every, device, inverse_dtype)
         self.lam = float(mom2_update_weight)
         self.alpha = float(L2)
         self.projector = projector
@@ -151,19 +164,17 @@ class AlignedSolver(Solver):
         self.on_conflict = on_conflict
         self.keep_ledger = keep_ledger and mode == "aligned"
         self.fold_every = int(fold_every)
-        self.U: dict[int, torch.Tensor] = {}  # null-space bases (projector 'nullspace')
-        self.A0: dict[int, torch.Tensor] = {}  # λ PᵀC0P + α I in working coordinates (kept with a ledger)
-        self.Ainv: dict[int, torch.Tensor] = {}  # A⁻¹ = Ainv − Zsᵀ Zs in working coordinates
-        self.Zs: dict[int, torch.Tensor] = {}  # stacked Woodbury factors not yet folded into Ainv
-        self.F: dict[int, torch.Tensor] = {}  # E A⁻¹, error correction
-        self.S: dict[int, torch.Tensor] = {}  # Σ Δ written so far (d_out × d_in), memorize_latest
-        self.ledger_ids: list[str] = []
-        self.ledger_K: dict[int, torch.Tensor] = {}  # d_in × N stored keys
-        self.ledger_V: dict[int, torch.Tensor] = {}  # d_out × N stored values (W_before k + r)
+        self.device = device
+        self.inverse_dtype = inverse_dtype
+        self.dtype = getattr(torch, inverse_dtype)
+        self.pres: dict[int, Preservation] = {}  # A_0 and P per layer
+        self.inv: dict[int, IncrementalInverse] = {}  # A_t⁻¹ per layer
+        self.feedback = self._feedback()
+        self.ledger = EditLedger(self.dtype) if self.keep_ledger else None
         self._cache: dict[int, tuple] = {}  # (K, K̃, X, Z) of the last solve, reused by commit when the keys agree
 
     def _check_args(self, lam, alpha, projector, threshold, mode, regularizer, rect_keep, error_correction,
-                    on_conflict, keep_ledger, fold_every) -> None:
+                    on_conflict, keep_ledger, fold_every, device, inverse_dtype) -> None:
         """Refuse any out-of-range or unknown argument here, at construction, not at the first step."""
         cls = type(self).__name__
         arg = lambda a: dict(name=f"solver {cls}: {a}", note=f"model.solver.init_args.{a}")  # noqa: E731
@@ -171,6 +182,8 @@ class AlignedSolver(Solver):
         checks.choice(value=mode, allowed=MODES, **arg("mode"))
         checks.choice(value=regularizer, allowed=REGULARIZERS, **arg("regularizer"))
         checks.choice(value=on_conflict, allowed=("replace", "keep", "error"), **arg("on_conflict"))
+        checks.choice(value=device, allowed=DEVICES, **arg("device"))
+        checks.choice(value=inverse_dtype, allowed=INVERSE_DTYPES, **arg("inverse_dtype"))
         checks.boolean(value=error_correction, **arg("error_correction"))
         checks.boolean(value=keep_ledger, **arg("keep_ledger"))
         # A_0 = λ PᵀC0P + α I must be positive definite (setup inverts it): both weights finite and >= 0 (L2 = inf
@@ -192,62 +205,59 @@ class AlignedSolver(Solver):
             raise ValueError(f"solver {cls}: error_correction feeds back a regulariser's error: it needs a regularizer "
                              f"and mode 'aligned'")
 
+    def _feedback(self) -> Feedback:
+        """The step's C term: F (error correction, §6.4), S (memorize-the-latest, §6.5) or none (C = 0)."""
+        if self.error_correction:
+            return ErrorFeedback()
+        return RunningSum() if self.mode == "memorize_latest" else Feedback()
+
     # -- set-up ----------------------------------------------------------------------------
-    def setup(self, C0):
-        self.U, self.A0, self.Ainv, self.Zs, self.F, self.S, self._cache = {}, {}, {}, {}, {}, {}, {}
-        self.ledger_ids, self.ledger_K, self.ledger_V = [], {}, {}
+    def setup(self, C0, source=None):
+        self.pres, self.inv, self._cache, self.feedback = {}, {}, {}, self._feedback()
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = EditLedger(self.dtype)
+        if source is None and self.keep_ledger and self.projector == "identity":  # a removal re-reads C0 (A_0)
+            source = C0Files.spill(C0)
         for l, c in C0.items():
-            c = c.double()
-            if self.projector == "nullspace":
-                U, evals = nullspace_basis(c, self.threshold)
-                if U.shape[1] == 0:
-                    smallest = torch.linalg.eigvalsh(c)[0].item()
-                    raise ValueError(
-                        f"{type(self).__name__}: no eigenvalue of C0 at layer {l} is below nullspace_threshold="
-                        f"{self.threshold:g} (smallest is {smallest:.3g}); every update would be zero. Raise the threshold.")
-                self.U[l] = U
-                A0 = torch.diag(self.lam * evals + self.alpha)  # PᵀC0P is diagonal in the eigenbasis
-            else:
-                A0 = self.lam * c + self.alpha * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-            self.Ainv[l] = spd_inverse(A0, f"A_0 = λ·C0 + α·I at layer {l}")
-            self.Zs[l] = A0.new_zeros(0, A0.shape[0])
-            if self.keep_ledger:
-                self.A0[l] = A0  # rebuilding A⁻¹ after a removal
-            if self.keep_ledger:
-                self.ledger_K[l] = torch.zeros(c.shape[0], 0, dtype=torch.float64, device=c.device)
+            c = c.to("cpu" if self.device == "cpu" else c.device, torch.float64)
+            p = Preservation(l, c, self.lam, self.alpha, self.projector, self.threshold, source, self.dtype,
+                             type(self).__name__)
+            A0 = p.A0(c)
+            self.pres[l] = p
+            self.inv[l] = IncrementalInverse(spd_inverse(A0, f"A_0 = λ·C0 + α·I at layer {l}").to(self.dtype),
+                                             self.fold_every)
+
+    def attach(self, directory):
+        if self.ledger is not None:
+            self.ledger.attach(directory)
+
+    def _cast(self, layer: int, K: torch.Tensor) -> torch.Tensor:
+        """A tensor on the solver's device, in its dtype."""
+        return K.to(self.inv[layer].Ainv.device, self.dtype)
 
     def _work(self, layer: int, K: torch.Tensor) -> torch.Tensor:
-        """K̃ = PᵀK in float64."""
-        K = self._f64(layer, K)
-        return self.U[layer].T @ K if layer in self.U else K
-
-    def _f64(self, layer: int, K: torch.Tensor) -> torch.Tensor:
-        return K.to(self.Ainv[layer].device, torch.float64)
+        """K̃ = PᵀK."""
+        K, U = self._cast(layer, K), self.pres[layer].U
+        return U.T @ K if U is not None else K
 
     def _full(self, layer: int, G: torch.Tensor) -> torch.Tensor:
         """Δ = G Pᵀ."""
-        return G @ self.U[layer].T if layer in self.U else G
+        U = self.pres[layer].U
+        return G @ U.T if U is not None else G
 
     def inverse(self, layer: int) -> torch.Tensor:
         """A⁻¹ of the accumulated constraint (working coordinates), with the pending factors folded in."""
-        Zs = self.Zs[layer]
-        return sym_downdate(self.Ainv[layer], Zs) if Zs.shape[0] else self.Ainv[layer]
+        return self.inv[layer].dense()
 
     def fold(self, layer: int) -> None:
-        """Ainv ← Ainv − Zsᵀ Zs: one compute-bound rank-m product (its lower block triangle, mirrored) instead
-        of m/n memory-bound ones."""
-        self.Ainv[layer], self.Zs[layer] = self.inverse(layer), self.Zs[layer][:0]
-
-    def _times_inverse(self, layer: int, Kt: torch.Tensor) -> torch.Tensor:
-        """Y = K̃ᵀ A⁻¹ = K̃ᵀ Ainv − (K̃ᵀ Zsᵀ) Zs, without forming A⁻¹."""
-        Zs = self.Zs[layer]
-        Y = Kt.T @ self.Ainv[layer]
-        return torch.addmm(Y, Kt.T @ Zs.T, Zs, alpha=-1.0) if Zs.shape[0] else Y
+        self.inv[layer].fold()
 
     def _response(self, layer: int, K: torch.Tensor):
-        K = self._f64(layer, K)
+        """K̃ and the Woodbury response of the batch: X = K̃ᵀ A_t⁻¹ and Z with A_t⁻¹ = A⁻¹ − ZᵀZ."""
+        K = self._cast(layer, K)
         Kt = self._work(layer, K)
-        X, Z = woodbury_response(self._times_inverse(layer, Kt), Kt)
+        X, Z = woodbury_response(self.inv[layer].times(Kt), Kt)
         self._cache[layer] = (K, Kt, X, Z)
         return Kt, X, Z
 
@@ -257,92 +267,84 @@ class AlignedSolver(Solver):
         return self._full(layer, X)  # M = K̃ᵀ A_t⁻¹ Pᵀ
 
     def solve(self, layer, K, R):
-        """Δ = R M, or (R + C K) M − C with C = F (error correction: − E_{t−1} A_t⁻¹ = −(F − (F K) M)) or
-        C = S (memorize_latest, §6.5: Δ_t = (R_t + S K_t) M − S); the two never occur together. Both are kept
-        in full coordinates (d_out × d_in), so no term needs a (d_out×r)(r×d_in) product.
+        """Δ_t = R_t M_t (Prop. 3.2), or (R_t + C K_t) M_t − C with C = F (error correction) or S (memorize_latest).
         Multiplied as R·(X Pᵀ), (d_out×n)(n×d_in), not (R X) Pᵀ: with the null-space basis that would be a
         (d_out×r)(r×d_in) product, 2·d_out·r·d_in flops (1.2e12 per layer at Llama-3-8B width)."""
         _, X, _ = self._response(layer, K)
-        R = R.to(X.device, torch.float64)
         M = self._full(layer, X)
-        C = self.F.get(layer, self.S.get(layer))
-        if C is None:
-            return R @ M
-        return (R + C @ self._f64(layer, K)) @ M - C
+        return self.feedback.step(layer, R.to(X.device, self.dtype), self._cast(layer, K), M)
 
     def commit(self, layer, K, V=None):
+        """A_t = A_{t−1} + K̃_t K̃_tᵀ; the keys and stored values V join the ledger."""
         if self.mode != "aligned":
             return  # the naive and memorize-latest objectives hold no earlier batches
-        K = self._f64(layer, K)
-        cached = self._cache.get(layer)
+        K = self._cast(layer, K)
+        cached = self._cache.pop(layer, None)
         if cached is not None and cached[0].shape == K.shape and torch.equal(cached[0], K):
             _, Kt, X, Z = cached  # the keys of the solve: skip re-projecting them (2·d·r·n flops) and the Woodbury
         else:
             Kt = self._work(layer, K)
-            X, Z = woodbury_response(self._times_inverse(layer, Kt), Kt)
-        self.Zs[layer] = torch.cat([self.Zs[layer], Z])  # new tensors, never in place: snapshots stay valid
-        if self.Zs[layer].shape[0] >= self.fold_every:
-            self.fold(layer)
-        if layer in self.F:
-            self.F[layer] = self.F[layer] - (self.F[layer] @ Kt) @ X
-        if self.keep_ledger:
+            X, Z = woodbury_response(self.inv[layer].times(Kt), Kt)
+        self.inv[layer].add(Z)
+        self.feedback.committed(layer, Kt, X)
+        if self.ledger is not None:
             if V is None:
                 raise ValueError("commit needs the stored values V to keep the ledger")
-            self.ledger_K[layer] = torch.cat([self.ledger_K[layer], K], 1)
-            V = V.to(Kt.device, torch.float64)
-            old = self.ledger_V.get(layer, torch.zeros(V.shape[0], 0, dtype=torch.float64, device=V.device))
-            self.ledger_V[layer] = torch.cat([old, V], 1)
-        self._cache.pop(layer, None)
+            self.ledger.stage(layer, K, V)
 
     def finalize(self, layer, delta, W):
         applied = delta
         if self.regularizer == "prune":
-            applied = prune(delta, W)
+            applied = prune(delta, W.to(delta.device))
         elif self.regularizer == "rect":
-            applied = rect(delta, W, self.rect_keep)
-        if self.error_correction:
-            self.F[layer] = (applied - delta).double()  # E_t A_t⁻¹ = Φ(Δ_t) − Δ_t (overwritten, not accumulated)
-        if self.mode == "memorize_latest":
-            self.S[layer] = self.S[layer] + applied.double() if layer in self.S else applied.double()
+            applied = rect(delta, W.to(delta.device), self.rect_keep)
+        self.feedback.written(layer, applied, delta)
         return applied
 
     def finish_batch(self, fact_ids):
         super().finish_batch(fact_ids)
-        if self.keep_ledger:
-            self.ledger_ids = self.ledger_ids + list(fact_ids)
+        if self.ledger is not None:
+            self.ledger.append(list(fact_ids))
 
     # -- conflicts and forgetting (Prop. 3.5, §6.6) -----------------------------------------
     def knows(self, fact_id):
-        return fact_id in self.ledger_ids
+        return self.ledger is not None and self.ledger.knows(fact_id)
+
+    @property
+    def ledger_ids(self) -> list[str]:
+        """The fact id of every live ledger entry, in ledger order."""
+        return self.ledger.ids() if self.ledger is not None else []
 
     def forget(self, fact_ids, W):
         """Remove the ledger entries of ``fact_ids`` from every layer (Prop. 3.5 with no new entries): with the
         stored keys K_O and the OLD stored values V_O (§12.8), A' = A − K̃_O K̃_Oᵀ and
         Δ = −(V_O − W K_O) K̃_Oᵀ A'⁻¹. For fixed keys this lands exactly on the least-squares solution of the
-        remaining edits. A'⁻¹ is rebuilt densely from A_0 and the remaining keys (see the module docstring)."""
-        if not self.keep_ledger:
+        remaining edits. A'⁻¹ is rebuilt densely (float64) from A_0 and the remaining keys (see the module
+        docstring), layer by layer and reading the ledger one shard at a time."""
+        if self.ledger is None:
             return super().forget(fact_ids, W)
-        missing = [f for f in fact_ids if f not in self.ledger_ids]
+        missing = [f for f in fact_ids if not self.ledger.knows(f)]
         if missing:
             raise KeyError(f"no applied edit of fact(s) {missing} in the ledger")
-        gone = set(fact_ids)
-        drop = [i for i, f in enumerate(self.ledger_ids) if f in gone]
-        keep = [i for i, f in enumerate(self.ledger_ids) if f not in gone]
-        deltas = {}
-        for l in self.Ainv:
-            K_O, V_O = self.ledger_K[l][:, drop], self.ledger_V[l][:, drop]
-            K_keep = self._work(l, self.ledger_K[l][:, keep])
-            self.Ainv[l] = spd_inverse(self.A0[l] + K_keep @ K_keep.T, f"the remaining constraint at layer {l}")
-            self.Zs[l] = self.Zs[l][:0]
+        gone, deltas, n_gone = set(fact_ids), {}, 0
+        for l, inv in self.inv.items():
+            A = self.pres[l].A0()  # A_0, rebuilt from C0
+            K_O, V_O = [], []
+            for K_keep, K_drop, V_drop in self.ledger.scan(l, gone):
+                Kt = self._work(l, K_keep).to(torch.float64)
+                A.addmm_(Kt, Kt.T)  # + Σ K̃ K̃ᵀ of the entries that stay
+                K_O.append(K_drop), V_O.append(V_drop)
+            inv.reset(spd_inverse(A, f"the remaining constraint at layer {l}").to(self.dtype))
+            del A
+            K_O, V_O = self._cast(l, torch.cat(K_O, 1)), self._cast(l, torch.cat(V_O, 1))
             Kt = self._work(l, K_O)
-            X = Kt.T @ self.Ainv[l]  # K̃_Oᵀ A'⁻¹
-            R_O = V_O - W[l].to(K_O.device, torch.float64) @ K_O
+            X = Kt.T @ inv.Ainv  # K̃_Oᵀ A'⁻¹
+            R_O = V_O - self._cast(l, W[l]) @ K_O
             deltas[l] = -R_O @ self._full(l, X)
-            if l in self.F:  # F = E A⁻¹ → E A'⁻¹ = F + (F K̃_O) K̃_Oᵀ A'⁻¹ (E itself is unchanged by a removal)
-                self.F[l] = self.F[l] + (self.F[l] @ Kt) @ X
-            self.ledger_K[l], self.ledger_V[l] = self.ledger_K[l][:, keep], self.ledger_V[l][:, keep]
-        self.ledger_ids = [self.ledger_ids[i] for i in keep]
-        self.n_edits -= len(drop)
+            self.feedback.forgotten(l, Kt, X)
+            n_gone = K_O.shape[1]
+        self.ledger.remove(list(fact_ids))
+        self.n_edits -= n_gone
         return deltas
 
     # -- state -----------------------------------------------------------------------------
@@ -350,46 +352,67 @@ class AlignedSolver(Solver):
         return {"mom2_update_weight": self.lam, "L2": self.alpha, "projector": self.projector,
                 "nullspace_threshold": self.threshold, "mode": self.mode, "regularizer": self.regularizer,
                 "rect_keep": self.rect_keep, "error_correction": self.error_correction, "on_conflict": self.on_conflict,
-                "keep_ledger": self.keep_ledger, "fold_every": self.fold_every}
+                "keep_ledger": self.keep_ledger, "fold_every": self.fold_every, "device": self.device,
+                "inverse_dtype": self.inverse_dtype}
 
     def describe(self):
-        out = {f"nullspace_rank/layer_{l}": U.shape[1] for l, U in self.U.items()}
-        if self.keep_ledger:
-            out["ledger_entries"] = len(self.ledger_ids)
+        out = {f"nullspace_rank/layer_{l}": p.rank for l, p in self.pres.items() if p.rank is not None}
+        if self.ledger is not None:
+            out["ledger_entries"] = len(self.ledger)
         return out
 
+    @property
+    def U(self) -> dict[int, torch.Tensor]:
+        """The null-space bases U0 (projector 'nullspace')."""
+        return {l: p.U for l, p in self.pres.items() if p.U is not None}
+
+    @property
+    def F(self) -> dict[int, torch.Tensor]:
+        """E A⁻¹ per layer (error correction)."""
+        return self.feedback.C if self.feedback.name == "F" else {}
+
+    @property
+    def S(self) -> dict[int, torch.Tensor]:
+        """Σ Δ written so far per layer (memorize_latest)."""
+        return self.feedback.C if self.feedback.name == "S" else {}
+
     def state_dict(self):
-        state = {**super().state_dict(), "rank": {str(l): U.shape[1] for l, U in self.U.items()},
+        state = {**super().state_dict(), "rank": {str(l): p.rank for l, p in self.pres.items() if p.rank is not None},
+                 "C0": {str(l): p.checksum for l, p in self.pres.items()},
                  "F": {str(l): f for l, f in self.F.items()}, "S": {str(l): s for l, s in self.S.items()}}
         if self.mode == "aligned":  # the naive / memorize-latest A⁻¹ never changes: rebuilt by setup
-            state["Ainv"] = {str(l): a for l, a in self.Ainv.items()}
-            state["Zs"] = {str(l): z for l, z in self.Zs.items()}
-        if self.keep_ledger:
-            state["ledger"] = {"ids": list(self.ledger_ids), "K": {str(l): k for l, k in self.ledger_K.items()},
-                               "V": {str(l): v for l, v in self.ledger_V.items()}}
+            parts = {l: inv.state() for l, inv in self.inv.items()}
+            state["Ainv"] = {str(l): p["Ainv"] for l, p in parts.items()}
+            state["Zs"] = {str(l): p["Zs"] for l, p in parts.items()}  # a fixed-size buffer: flat checkpoints
+            state["Zs_rows"] = {str(l): p["rows"] for l, p in parts.items()}
+        if self.ledger is not None:
+            state["ledger"] = self.ledger.state()  # its length and checksum; the entries are on disk
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         for l, r in state.get("rank", {}).items():
-            if int(l) in self.U and self.U[int(l)].shape[1] != r:
+            if int(l) in self.pres and self.pres[int(l)].rank != r:
                 raise ValueError(f"solver state for layer {l} has null-space rank {r}, this run has "
-                                 f"{self.U[int(l)].shape[1]}: C0 or nullspace_threshold changed since the checkpoint")
-        dev = lambda l: self.Ainv[int(l)].device  # noqa: E731
-        for l, a in state.get("Ainv", {}).items():
-            if a.shape != self.Ainv[int(l)].shape:
-                raise ValueError(f"solver state for layer {l} has shape {tuple(a.shape)}, this run "
-                                 f"{tuple(self.Ainv[int(l)].shape)}: the model or solver configuration changed")
-            self.Ainv[int(l)] = a.to(dev(l), torch.float64).clone()
-        for l, z in state.get("Zs", {}).items():
-            self.Zs[int(l)] = z.to(dev(l), torch.float64).clone()
-        self.F = {int(l): f.to(dev(l), torch.float64).clone() for l, f in state.get("F", {}).items()}
-        self.S = {int(l): s.to(dev(l), torch.float64).clone() for l, s in state.get("S", {}).items()}
+                                 f"{self.pres[int(l)].rank}: C0 or nullspace_threshold changed since the checkpoint")
+        for l, checksum in state.get("C0", {}).items():
+            if int(l) in self.pres and self.pres[int(l)].checksum != checksum:
+                raise ValueError(f"solver state for layer {l} was built on another C0 than this run's (checksums "
+                                 f"differ): model.stats or the stats cache changed since the checkpoint; A⁻¹ cannot "
+                                 f"move to another C0, start a new run")
         ledger = state.get("ledger")
-        if ledger is not None:
-            self.ledger_ids = list(ledger["ids"])
-            self.ledger_K = {int(l): k.to(dev(l), torch.float64).clone() for l, k in ledger["K"].items()}
-            self.ledger_V = {int(l): v.to(dev(l), torch.float64).clone() for l, v in ledger["V"].items()}
+        if ledger is not None and "ids" in ledger:
+            raise ValueError("the solver state embeds its ledger (a checkpoint of an earlier lit_edit); this version "
+                             "keeps it on disk in the run directory: start a new run")
+        for l, a in state.get("Ainv", {}).items():
+            inv = self.inv[int(l)]
+            if a.shape != inv.Ainv.shape:
+                raise ValueError(f"solver state for layer {l} has shape {tuple(a.shape)}, this run "
+                                 f"{tuple(inv.Ainv.shape)}: the model or solver configuration changed")
+            inv.load(self._cast(int(l), a), self._cast(int(l), state["Zs"][l]), state.get("Zs_rows", {}).get(l))
+        self.feedback.C = {int(l): self._cast(int(l), c).clone() for l, c in state.get(self.feedback.name, {}).items()}
+        if self.ledger is not None and ledger is not None:
+            self.ledger.restore(ledger)
         self._cache = {}
 
 
@@ -400,10 +423,12 @@ class MEMIT(AlignedSolver):
 
     def __init__(self, mom2_update_weight: float = 15000.0, mode: str = "aligned", L2: float = 0.0,
                  regularizer: str | None = None, rect_keep: float = 40.0, error_correction: bool = False,
-                 on_conflict: str = "replace", keep_ledger: bool = True, fold_every: int = 1024) -> None:
+                 on_conflict: str = "replace", keep_ledger: bool = True, fold_every: int = 1024,
+                 device: str = "model", inverse_dtype: str = "float64") -> None:
         super().__init__(mom2_update_weight=mom2_update_weight, L2=L2, projector="identity", mode=mode,
                          regularizer=regularizer, rect_keep=rect_keep, error_correction=error_correction,
-                         on_conflict=on_conflict, keep_ledger=keep_ledger, fold_every=fold_every)
+                         on_conflict=on_conflict, keep_ledger=keep_ledger, fold_every=fold_every, device=device,
+                         inverse_dtype=inverse_dtype)
 
 
 class AlphaEdit(AlignedSolver):
@@ -416,7 +441,7 @@ class AlphaEdit(AlignedSolver):
 
     def __init__(self, L2: float = 10.0, nullspace_threshold: float = 2e-2, mode: str = "aligned",
                  mom2_update_weight: float = 0.0, on_conflict: str = "replace", keep_ledger: bool = True,
-                 fold_every: int = 1024) -> None:
+                 fold_every: int = 1024, device: str = "model", inverse_dtype: str = "float64") -> None:
         super().__init__(mom2_update_weight=mom2_update_weight, L2=L2, projector="nullspace",
                          nullspace_threshold=nullspace_threshold, mode=mode, on_conflict=on_conflict,
-                         keep_ledger=keep_ledger, fold_every=fold_every)
+                         keep_ledger=keep_ledger, fold_every=fold_every, device=device, inverse_dtype=inverse_dtype)

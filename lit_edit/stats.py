@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lit_edit import checks
 from lit_edit.hooks import capture_inputs
 from lit_edit import distributed as dist
 from lit_edit.layouts import edited_module, weight_shape
+from lit_edit.solver_state import C0Files
 from lit_edit.tokens import context_length, pad_batch, pad_id
 
 STAT_DTYPES = ("float32", "float64", "bfloat16", "float16")  # the cached statistic's; torch dtype names
@@ -145,10 +146,10 @@ def weights_fingerprint(model, stride: int = 4099) -> str:
     return h.hexdigest()[:16]
 
 
-def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_id: str,
-                cache_dir: str | None = None) -> dict[int, torch.Tensor]:
-    """C0 per layer (float64 on the model's device), from the disk cache when present. The cache key
-    covers the model id, the corpus config and a fingerprint of the weights (:func:`weights_fingerprint`)."""
+def c0_files(model, tok, layout, layers: list[int], cfg: StatsConfig, model_id: str,
+             cache_dir: str | None = None) -> C0Files:
+    """The cache file of C0 per layer, computing the missing ones first. The cache key covers the model id, the
+    corpus config and a fingerprint of the weights (:func:`weights_fingerprint`)."""
     if cfg.dataset is None:
         raise ValueError("model.stats.dataset is unresolved: pass StatsConfig.for_model(<model.model>)")
     ident = {"model": model_id, "weights": weights_fingerprint(model), **asdict(cfg)}
@@ -163,9 +164,15 @@ def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_i
             folder.mkdir(parents=True, exist_ok=True)
             for l in missing:
                 tmp = path[l].with_suffix(".tmp")
-                save_file({"mom2": C[l].to(getattr(torch, cfg.dtype)).contiguous().cpu(), "count": torch.tensor(n)}, tmp)
+                stat = C[l].to(getattr(torch, cfg.dtype)).contiguous().cpu()
+                save_file({C0Files.KEY: stat, "count": torch.tensor(n)}, tmp)
                 tmp.replace(path[l])
             (folder / "config.json").write_text(json.dumps({**ident, "tokens": n}, indent=2))
         dist.barrier()
-    dev = next(model.parameters()).device
-    return {l: load_file(path[l])["mom2"].to(dev, torch.float64) for l in layers}
+    return C0Files(path, next(model.parameters()).device)
+
+
+def layer_stats(model, tok, layout, layers: list[int], cfg: StatsConfig, model_id: str,
+                cache_dir: str | None = None) -> dict[int, torch.Tensor]:
+    """C0 per layer (float64 on the model's device), from the disk cache when present (:func:`c0_files`)."""
+    return c0_files(model, tok, layout, layers, cfg, model_id, cache_dir).load_all()

@@ -91,6 +91,23 @@ def test_ote_configs_select_the_variants_they_name(tmp_path, monkeypatch):
         assert (s.regularizer, s.error_correction) == (reg, ec), name
 
 
+def test_shipped_configs_keep_a_bounded_number_of_checkpoints():
+    """Each checkpoint is flat in the number of edits (the solver's ledger is on disk, docs/algorithms.md §6.6), but a
+    lifelong run takes many: every shipped config keeps at most three, the latest ones (top-k by step)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seen = 0
+    for path in RUN_CONFIGS:
+        callbacks = (load_config(path).get("trainer") or {}).get("callbacks") or []
+        (cb,) = [cb for cb in callbacks if cb["class_path"].endswith("ModelCheckpoint")]
+        mc = ModelCheckpoint(**cb["init_args"])
+        assert 1 <= mc.save_top_k <= 3, path  # -1 would keep every checkpoint
+        if mc.save_top_k > 1:  # more than one kept: they must be the latest, not the first ones
+            assert (mc.monitor, mc.mode) == ("step", "max"), path
+        seen += 1
+    assert seen == len(RUN_CONFIGS) >= 18
+
+
 # -- the base: include, on small files ------------------------------------------------------------------------------
 
 def write(path: Path, text: str) -> Path:

@@ -1,10 +1,15 @@
 """The fit loop on the tiny fact world: edits land, steps are atomic, resume equals an uninterrupted run,
 the solver's gate equals the update actually written into the model, bad input stops before any edit."""
 import json
+import re
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from lit_edit import runs
 
 from lit_edit.data import EditDataModule
 from lit_edit.editing import EditStepError, FactColumns, apply_batch, compute_block_states, compute_keys
@@ -184,8 +189,9 @@ def stream_with_removals(tmp_path):
 
 
 def test_remove_and_replace_work_after_a_resume(tiny_world, tmp_path):
-    """The ledger (per-layer keys and stored values) is in the checkpoint: a removal after resuming equals the
-    uninterrupted run, the edits leave the live set, and the ledger file records every operation."""
+    """The solver's ledger (per-layer keys and stored values) is on disk in the run directory and the checkpoint
+    refers to it: a removal after resuming equals the uninterrupted run, the edits leave the live set, and the
+    ledger file records every operation."""
     path, recs = stream_with_removals(tmp_path)
 
     def dm():
@@ -206,11 +212,45 @@ def test_remove_and_replace_work_after_a_resume(tiny_world, tmp_path):
 
     b = make_module(eval_pre=False)
     make_trainer(tmp_path / "b", max_steps=2).fit(b, dm())
+    ckpt = tmp_path / "b" / "ckpt" / "step=2.ckpt"
+    solver_state = torch.load(ckpt, weights_only=True)["lit_edit"]["solver"]
+    store = tmp_path / "b" / "tb" / "version_0" / "solver_ledger"
+    assert solver_state["ledger"]["lines"] == 2 and Path(solver_state["ledger"]["dir"]) == store  # a reference
+    assert sorted(p.name for p in store.iterdir()) == ["00000000.safetensors", "00000001.safetensors", "index.jsonl"]
+    step2 = {k: v.clone() for k, v in load_file(store / "00000001.safetensors").items()}
+    (store / "00000002.safetensors").write_bytes(b"a step after the checkpoint that a crash left")  # dropped on resume
     c = make_module(eval_pre=False)
-    make_trainer(tmp_path / "b").fit(c, dm(), ckpt_path=str(tmp_path / "b" / "ckpt" / "step=2.ckpt"))
+    make_trainer(tmp_path / "b").fit(c, dm(), ckpt_path=str(ckpt))
     assert c.edited_ids == a.edited_ids and c.solver.ledger_ids == a.solver.ledger_ids
     for l, w in edited_weights(a).items():
         torch.testing.assert_close(get_weight(c.llm, c.layout, l), w, rtol=0, atol=1e-6)
+    index = [json.loads(x) for x in (store / "index.jsonl").read_text().splitlines()]
+    dropped = {r.fact_id for r in c.requests if r.op in ("remove", "replace")}
+    assert len(index) == 3 and set(index[2]["remove"]) == dropped and len(dropped) == 3  # the third step's, by fact
+    assert all(torch.equal(v, step2[k]) for k, v in load_file(store / "00000001.safetensors").items())
+
+
+@pytest.mark.parametrize("damage", ["shard", "index", "directory"])
+def test_a_truncated_solver_ledger_is_refused_on_resume_naming_its_path(tiny_world, tmp_path, damage):
+    """A checkpoint verifies the solver ledger it refers to (length, checksum, shard sizes) before any edit."""
+    make_trainer(tmp_path, max_steps=2).fit(make_module(eval_pre=False),
+                                            EditDataModule(path="world:tiny", limit=18, batch_size=6))
+    store = tmp_path / "tb" / "version_0" / "solver_ledger"
+    if damage == "shard":
+        named = store / "00000001.safetensors"
+        named.write_bytes(named.read_bytes()[:-100])
+    elif damage == "index":
+        named = store / "index.jsonl"
+        named.write_text(named.read_text().splitlines(keepends=True)[0])
+    else:
+        named = store / "index.jsonl"
+        for p in store.iterdir():
+            p.unlink()
+    module = make_module(eval_pre=False)
+    with pytest.raises(runs.CheckpointError, match=re.escape(str(named))):
+        make_trainer(tmp_path).fit(module, EditDataModule(path="world:tiny", limit=18, batch_size=6),
+                                   ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert module.solver.n_edits == 12  # restored from the checkpoint, then stopped before the third step
 
 
 def test_removing_an_unknown_fact_is_refused_before_any_edit(tiny_world, tmp_path):

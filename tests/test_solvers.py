@@ -333,7 +333,9 @@ def test_commit_reuses_the_solve_only_for_its_own_keys(name):
         s.commit(LAYER, commit_keys, V)
         ref.commit(LAYER, commit_keys, V)
         torch.testing.assert_close(s.inverse(LAYER), ref.inverse(LAYER), rtol=0, atol=0)
-        torch.testing.assert_close(s.ledger_K[LAYER], ref.ledger_K[LAYER], rtol=0, atol=0)
+        s.finish_batch(["x"] * 3), ref.finish_batch(["x"] * 3)  # the ledger's entries are written per step
+        torch.testing.assert_close(s.ledger.entries(LAYER), ref.ledger.entries(LAYER), rtol=0, atol=0)
+        torch.testing.assert_close(s.ledger.entries(LAYER)[0], commit_keys, rtol=0, atol=0)
 
 
 def test_woodbury_update_equals_the_dense_inverse():
@@ -372,16 +374,25 @@ def test_state_dict_round_trip_and_snapshot(name):
     W, _ = step(s, W, Ks[0], Vs[0], ["a"] * 3)
     snap = s.state_dict()
     frozen = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in snap.get("Ainv", {}).items()}
+    pending = {k: z[: snap["Zs_rows"][k]].clone() for k, z in snap.get("Zs", {}).items()}
     W, _ = step(s, W, Ks[1], Vs[1], ["b"] * 3)  # must not mutate the snapshot
     torch.testing.assert_close(snap.get("Ainv", {}), frozen)
-    if "ledger" in snap:
-        assert snap["ledger"]["ids"] == ["a"] * 3 and snap["ledger"]["K"][str(LAYER)].shape[1] == 3
+    # the pending factors are appended in place after the snapshot's rows, which stay as they were
+    assert all(s.inv[int(k)].buf is z for k, z in snap.get("Zs", {}).items())
+    assert all(v.shape[0] == 3 for v in pending.values())
+    torch.testing.assert_close({k: z[: snap["Zs_rows"][k]] for k, z in snap.get("Zs", {}).items()}, pending)
+    if "ledger" in snap:  # the length of the ledger on disk and its checksum, not its entries
+        assert snap["ledger"]["lines"] == 1 and "ids" not in snap["ledger"]
     t = build(name)
     t.load_state_dict(s.state_dict())
+    t.attach(s.ledger.dir if s.keep_ledger else None)  # as a resume: the state refers to the ledger in s's directory
     K, R = rand(D_IN, 2, seed=5), rand(D_OUT, 2, seed=6)
     torch.testing.assert_close(t.solve(LAYER, K, R), s.solve(LAYER, K, R))
     if s.keep_ledger:
         torch.testing.assert_close(t.forget(["a"], {LAYER: W})[LAYER], s.forget(["a"], {LAYER: W})[LAYER])
+        s.load_state_dict(snap)  # rolling back to the snapshot truncates the ledger on disk to its step
+        assert s.ledger_ids == ["a"] * 3 and len(s.ledger.index.complete_lines()) == 1
+        torch.testing.assert_close(s.ledger.entries(LAYER)[0], Ks[0])
 
 
 @pytest.mark.parametrize("d,nb", [(37, 3), (64, 8), (50, 1), (2048, None)])
