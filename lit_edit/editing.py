@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from lit_edit.hooks import capture_inputs, capture_outputs
+from lit_edit.hooks import capture_inputs, capture_outputs, stop_after
 from lit_edit.layouts import add_to_weight, block_module, edited_module, get_weight, set_weight
 from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.tokens import encode_prompt, fill_context, pad_batch, pad_id
@@ -28,11 +29,12 @@ class EditStepError(RuntimeError):
 
 
 def capture_at(model, seqs: list[list[int]], positions: list[list[int]], capture, pad: int, chunk: int = 64,
-               grad: bool = False, others: bool = False) -> tuple[dict, dict | None]:
+               grad: bool = False, others: bool = False, stop: nn.Module | None = None) -> tuple[dict, dict | None]:
     """Run ``seqs`` (right padded, ``chunk`` at a time) with the forward hooks of ``capture()`` and gather each
     captured tensor at ``positions[i]`` of sequence i, in order: {key: [Σ_i len(positions[i]), dim]} (float32, or
     float64 for a float64 model). With ``others``, also every other real (non-padding) position, row-major.
     ``grad=True`` keeps the graph (MetaKE's proxy-fidelity diagnostic differentiates through keys and states).
+    ``stop``: the last module the captures need; the forward ends after it (:func:`~lit_edit.hooks.stop_after`).
     The one chunked capture forward: keys, states, window keys and window states all read through it."""
     dev = next(model.parameters()).device
     at: dict = {}
@@ -42,7 +44,7 @@ def capture_at(model, seqs: list[list[int]], positions: list[list[int]], capture
         pos = positions[c : c + chunk]
         rows = torch.tensor([b for b, p in enumerate(pos) for _ in p])
         cols = torch.tensor([j for p in pos for j in p])
-        with capture() as store, torch.set_grad_enabled(grad):
+        with capture() as store, torch.set_grad_enabled(grad), stop_after(stop):
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
         for k, v in store.items():
             x = v[0] if v[0].dtype == torch.float64 else v[0].float()
@@ -65,7 +67,8 @@ def compute_keys(model, tok, layout, layers: list[int], requests: list[EditReque
             e = encode_prompt(tok, fill_context(ctx, r.prompt), r.subject, fact_token, legacy_bos_shift)
             seqs.append(e.ids), index.append(e.index)
     mods = {l: edited_module(model, layout, l) for l in layers}
-    got, _ = capture_at(model, seqs, [[i] for i in index], lambda: capture_inputs(mods), pad_id(tok), grad=grad)
+    got, _ = capture_at(model, seqs, [[i] for i in index], lambda: capture_inputs(mods), pad_id(tok), grad=grad,
+                        stop=mods[max(layers)])
     n, c = len(requests), len(context_templates)
     keys = {}
     for l in layers:
@@ -81,7 +84,7 @@ def compute_block_states(model, tok, layout, layer: int, requests: list[EditRequ
     enc = [encode_prompt(tok, r.prompt, r.subject, fact_token, legacy_bos_shift) for r in requests]
     blocks = {layer: block_module(model, layout, layer)}
     got, _ = capture_at(model, [e.ids for e in enc], [[e.index] for e in enc], lambda: capture_outputs(blocks),
-                        pad_id(tok), grad=grad)
+                        pad_id(tok), grad=grad, stop=blocks[layer])
     return got[layer]
 
 

@@ -1,4 +1,5 @@
-"""Forward hooks: read a module's input, or rewrite a block's output, for the duration of a ``with``."""
+"""Forward hooks: read a module's input, rewrite a block's output, or end a forward early, for the duration of a
+``with``."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -50,3 +51,29 @@ def add_to_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor])
     Δ with fn(x) = x Δᵀ, without touching or copying the weight)."""
     with _hooked([module.register_forward_hook(lambda _m, args, out: out + fn(args[0]).to(out.dtype))]):
         yield
+
+
+class _StopForward(Exception):
+    """Raised by :func:`stop_after`'s hook; never leaves the ``with``."""
+
+
+@contextmanager
+def stop_after(module: nn.Module | None):
+    """A forward inside the ``with`` ends right after ``module`` runs (None: runs whole): for forwards that only read
+    tensors up to there (keys, block states, C0), so the blocks above and the LM head, whose logits over every
+    position and the whole vocabulary are the largest tensor of a forward, are not computed. Hooks registered
+    before reaching ``module`` have already fired; the model call then returns nothing."""
+    if module is None:
+        yield
+        return
+
+    def stop(_m, _args, _out):
+        raise _StopForward
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()

@@ -4,7 +4,8 @@
 With the keys K of the batch at the last edited layer L, the block-L states H (n×d) and the solver's
 gate M = solver.gate(L, K) (n×d_in, frozen for the batch), a virtual look-ahead writes
 
-    Δ_proxy(V) = (V − H)ᵀ M          into layer L only (a hook: y ← y + x Δ_proxyᵀ, no weight copy),
+    Δ_proxy(V) = (V − H)ᵀ M          into layer L only (y ← y + x Δ_proxyᵀ, no weight copy; added to block L's
+                                      kept output when y feeds the residual sum, docs/algorithms.md §2.10),
 
 and T steps of gradient descent minimise the meta-loss on that virtual model,
 
@@ -30,10 +31,12 @@ import torch
 
 from lit_edit import checks
 from lit_edit.distributed import all_reduce_sum
-from lit_edit.editing import compute_block_states, compute_keys, layer_residuals
-from lit_edit.hooks import add_to_output
+from lit_edit.editing import capture_at, compute_block_states, compute_keys, layer_residuals
+from lit_edit.hooks import add_to_output, capture_inputs
 from lit_edit.layouts import block_module, edited_module
 from lit_edit.targets import TargetConfig, build_target_batch, hidden_size, opt_dtype, request_losses
+from lit_edit.tokens import pad_id
+from lit_edit.truncated import RowForward, output_reaches_block_output, truncating
 
 
 @dataclass
@@ -121,25 +124,58 @@ class MetaObjective:
         self.block = block_module(model, layout, self.L)
         self.module = edited_module(model, layout, self.L)
         self.zero = torch.zeros(len(requests), hidden_size(model), device=dev, dtype=self.dt)
+        self.layout, self.runs, self.P = layout, {}, None
         record: dict = {}
         self.kl_ref = None
         if len(self.rows):
-            with torch.no_grad():
-                request_losses(model, self.block, self.batch, self.rows, self.zero, None, self.tcfg, record)
+            first = self.batch.ids[self.rows[0], : int(self.batch.mask[self.rows[0]].sum())].tolist()
+            if truncating() and output_reaches_block_output(model, layout, self.L, first):
+                self.P = self.gate_responses(model, tok)
+            start = self.L + 1 if self.P is not None else self.L
+            with torch.no_grad():  # also keeps the block outputs below start for the look-ahead's forwards
+                request_losses(self.run_from(start), self.block, self.batch, self.rows, self.zero, None,
+                               self.tcfg, record)
             idx, ref = record["kl_ref"]
             self.kl_ref = torch.zeros(len(requests), ref.shape[1], device=dev, dtype=self.dt)
             self.kl_ref[idx.to(dev)] = ref
+
+    def run_from(self, start: int) -> RowForward:
+        """Forwards of the meta-loss prompts that compute blocks ``start`` … only: the look-ahead changes block L's
+        output (start = L + 1, :meth:`gate_responses`) or its edited matrix (start = L), the true multi-layer solve
+        every edited layer (start = the lowest)."""
+        if start not in self.runs:
+            self.runs[start] = RowForward(self.model, self.layout, self.batch.ids, self.batch.mask, start)
+        return self.runs[start]
+
+    @torch.no_grad()
+    def gate_responses(self, model, tok) -> torch.Tensor:
+        """P = X Mᵀ ([rows, T, n], zero at padding): the look-ahead's Δ_proxy = Rᵀ M changes layer L's edited
+        matrix's output by X Mᵀ R at the inputs X of every position, and that output reaches block L's output
+        unchanged (checked by :func:`~lit_edit.truncated.output_reaches_block_output`): so the look-ahead adds P R
+        to block L's output, and block L, whose inputs the look-ahead does not change, is not run again."""
+        lengths = self.batch.mask.sum(1)
+        seqs = [self.batch.ids[b, : int(lengths[b])].tolist() for b in self.rows]
+        got, _ = capture_at(model, seqs, [list(range(len(q))) for q in seqs],
+                            lambda: capture_inputs({0: self.module}), pad_id(tok), stop=self.module)
+        P = torch.zeros(*self.batch.ids.shape, self.M.shape[0], device=self.M.device, dtype=self.dt)
+        real = torch.zeros(self.batch.ids.shape, dtype=torch.bool)
+        real[self.rows] = self.batch.mask[self.rows].bool()
+        P[real.to(P.device)] = got[0].to(self.dt) @ self.M.T  # row-major over the rows' real positions, as gathered
+        return P
 
     def proxy_residual(self, V: torch.Tensor) -> torch.Tensor:
         """R_L(V) = V − H (n×d), detached for the stop-grad ablation."""
         R = V - self.H
         return R.detach() if self.cfg.feedback == "stop_grad" else R
 
-    def loss_in_current_model(self, V: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """L_meta evaluated on the model as it is now (the caller installs the look-ahead or a real update)."""
+    def loss_in_current_model(self, V: torch.Tensor, start: int | None = None, shift=None) -> tuple[torch.Tensor, dict]:
+        """L_meta evaluated on the model as it is now (the caller installs the look-ahead or a real update), plus
+        ``shift`` at block L's output (see :func:`~lit_edit.targets.request_losses`); blocks below ``start``
+        (default L) must be as they were before the batch."""
         if len(self.rows):
-            nll, kl = request_losses(self.model, self.block, self.batch, self.rows, self.zero, self.kl_ref, self.tcfg,
-                                     None)
+            run = self.run_from(self.L if start is None else start)
+            nll, kl = request_losses(run, self.block, self.batch, self.rows, self.zero, self.kl_ref, self.tcfg, None,
+                                     shift)
         else:  # an all-padding DDP shard contributes only zeros (it still joins the collectives)
             nll = kl = torch.zeros(len(self.zero), device=V.device, dtype=self.dt)
         own = self.own.to(V.device)
@@ -149,8 +185,12 @@ class MetaObjective:
         return total, {"nll": nll.detach(), "kl": kl.detach(), "anchor": anchor.detach()}
 
     def loss(self, V: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """L_meta on the virtual look-ahead model W_L + Δ_proxy(V) (a hook on layer L's edited matrix)."""
+        """L_meta on the virtual look-ahead model W_L + Δ_proxy(V): P R added to block L's output (blocks from L + 1
+        run, :meth:`gate_responses`), or, where that does not hold or inside ``reference_forward``, a hook on layer
+        L's edited matrix (blocks from L run)."""
         R = self.proxy_residual(V)
+        if self.P is not None:
+            return self.loss_in_current_model(V, self.L + 1, lambda rows, width: self.P[rows, :width] @ R)
         with add_to_output(self.module, lambda x: (x.to(self.dt) @ self.M.T) @ R):
             return self.loss_in_current_model(V)
 
@@ -169,7 +209,7 @@ def solved_meta_loss(obj: MetaObjective, tok, layout, solver, layers: list[int],
         for l, K, R in layer_residuals(layers, V, keys, states):
             delta = solver.solve(l, K, R)
             stack.enter_context(add_to_output(edited_module(model, layout, l), lambda x, D=delta: x.to(D.dtype) @ D.T))
-        return obj.loss_in_current_model(V)[0]
+        return obj.loss_in_current_model(V, start=min(layers))[0]
 
 
 def proxy_fidelity(obj: MetaObjective, tok, layout, solver, layers, requests, context_templates, V: torch.Tensor,

@@ -383,7 +383,8 @@ class Windows(WindowConfig, TargetMethod):
 
     def columns(self, writes: list) -> WindowColumns:
         seqs = [windowed(self.env.tok, r, self) for r in writes]
-        return WindowColumns(seqs, [r.fact_id for r in writes], self.preservation, pad_id(self.env.tok))
+        return WindowColumns(seqs, [r.fact_id for r in writes], self.preservation, pad_id(self.env.tok),
+                             full=self.preservation_positions == "reference", n_ctx=context_length(self.env.llm))
 
     def optimise(self, columns: WindowColumns, own: list[int]) -> TargetResult:
         e = self.env

@@ -38,11 +38,12 @@ import torch
 
 from lit_edit import checks
 from lit_edit.editing import capture_at
-from lit_edit.hooks import capture_inputs, capture_outputs, rewrite_output
+from lit_edit.hooks import capture_inputs, capture_outputs
 from lit_edit.layouts import block_module, edited_module
 from lit_edit.requests import MUKE_TEMPLATES
 from lit_edit.targets import adam_rows, descend_rows, hidden_size, label_logprobs, opt_dtype, weight_decay_term
-from lit_edit.tokens import pad_batch
+from lit_edit.tokens import context_length, pad_batch
+from lit_edit.truncated import Readout, RowForward
 from lit_edit.windows import (ON_MISMATCH, WindowedSequence, _check_windows, memory_positions,  # noqa: F401
                               split_windows, tokenize_unstructured, windowed)
 
@@ -115,6 +116,9 @@ class WindowConfig:
     affinity_steps: int = 3  # T_aff
     on_mismatch: str = "separate"  # joint vs separate tokenisation, see tokenize_unstructured
     preservation: bool = False  # §8.5: the other positions of the edited sequences as preservation keys (residual 0)
+    # which positions: "input" (the Q + T − 1 model input) or "reference" (Q + T: the answer's last token too, as the
+    # μKE code reads them from question and answer tokenised jointly), docs/algorithms.md §8.5
+    preservation_positions: str = "input"
     chat: bool = True  # wrap the question in the tokenizer's chat template (and end the answer with its end of turn)
     template: str | None = None  # "llama3" | "qwen2.5": MUKE's fixed prompt strings instead of the tokenizer's template
     metric_style: str | None = None  # None: torchmetrics word BLEU / ROUGE-L F; "reference": the reference code's
@@ -124,7 +128,8 @@ class WindowConfig:
         n = lambda field: f"model.method.init_args.{field}"  # noqa: E731  (the setting as written in the YAML config)
         for name, allowed in (("method", METHODS), ("coefficients", COEFFICIENTS), ("affinity_pairing", PAIRINGS),
                               ("on_mismatch", ON_MISMATCH), ("template", (None, *MUKE_TEMPLATES)),
-                              ("metric_style", (None, "torchmetrics", "reference"))):
+                              ("metric_style", (None, "torchmetrics", "reference")),
+                              ("preservation_positions", PRESERVATION_POSITIONS)):
             checks.choice(n(name), getattr(self, name), allowed)
         checks.integer(n("window_size"), self.window_size, ge=1)  # tokens per window
         # as for v*: 1 evaluates without a step (z = h_init), 0 would never run
@@ -192,49 +197,55 @@ def _build_rows(requests, idx, w, method, lam, frozen, pad, dev, dt, d) -> _Rows
                  torch.stack(fr[2]).to(device=dev, dtype=dt) if fr[2] else torch.zeros(0, d, device=dev, dtype=dt))
 
 
-def _forward(model, block, rows: _Rows, sel: torch.Tensor, delta: torch.Tensor, record: dict | None):
-    """Logits of rows ``sel`` (trimmed to their width) with the frozen earlier deltas and ``delta[sel]`` added
-    to ``block``'s output at the memory positions; ``record["h"]`` gets h_init = the block output at the
-    memory position before any δ (earlier windows' δ do not change block L's own output)."""
-    width = int(rows.mask[sel].sum(1).max())
-    remap = torch.full((rows.ids.shape[0],), -1, dtype=torch.long, device=sel.device)
-    remap[sel] = torch.arange(len(sel), device=sel.device)
-    keep = remap[rows.fr_row] >= 0
-    fb, fp, fv = remap[rows.fr_row[keep]], rows.fr_pos[keep], rows.fr_vec[keep]
-    ar, pos = torch.arange(len(sel), device=sel.device), rows.pos[sel]
+def _forward(run: RowForward, block, rows: _Rows, sel: torch.Tensor, delta: torch.Tensor,
+             record: dict | None) -> Readout:
+    """One forward of rows ``sel`` (``run`` is a :class:`~lit_edit.truncated.RowForward` over ``rows``) with the
+    frozen earlier deltas and ``delta[sel]`` added to ``block``'s output at the memory positions; ``record["h"]``
+    gets h_init = the block output at the memory position before any δ (earlier windows' δ do not change block L's
+    own output)."""
+    if record is not None:
+        record["h"] = torch.zeros(len(sel), delta.shape[1], dtype=delta.dtype, device=delta.device)
+    local = torch.full((rows.ids.shape[0],), -1, dtype=torch.long, device=sel.device)
 
-    def add(h):
+    def add(h, sub):  # h: block L's output of the rows sel[sub] (one length group of the forward)
+        mine, s = sel[sub], torch.arange(len(sub), device=sel.device)
+        local.fill_(-1)
+        local[mine] = s
+        keep = local[rows.fr_row] >= 0
+        fb, fp, fv = local[rows.fr_row[keep]], rows.fr_pos[keep], rows.fr_vec[keep]
+        pos = rows.pos[mine]
         if record is not None:
-            record["h"] = h[ar, pos].detach().to(delta.dtype)
+            record["h"][sub] = h[s, pos].detach().to(delta.dtype)
         if len(fb):
             h = h.index_put((fb, fp), fv.to(h.dtype), accumulate=True)
-        return h.index_put((ar, pos), delta[sel].to(h.dtype), accumulate=True)
+        return h.index_put((s, pos), delta[mine].to(h.dtype), accumulate=True)
 
-    with rewrite_output(block, add):
-        return model(input_ids=rows.ids[sel, :width], attention_mask=rows.mask[sel, :width]).logits
+    return run(sel, (block, add))
 
 
-def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, norm: torch.Tensor,
+def _weighted_sum(logp: torch.Tensor, row_of: torch.Tensor, c: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(norm), dtype=logp.dtype, device=logp.device).index_add(0, row_of, -c * logp) / norm
+
+
+def weighted_nll(out: Readout, labels: torch.Tensor, weights: torch.Tensor, norm: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor:
     """Per row ``−Σ_j c_j log p(y_j) / n``: Eq. 4 (AnyEdit, c = 1, n = |Y_w|), Eq. 2 (One-for-All, one window)
     or Eq. 11 (μKE, c = Matryoshka coefficients, n = n_w). ``labels`` −100 = not scored."""
-    logp, row_of = label_logprobs(logits, labels[:, : logits.shape[1]], dtype)
-    c = weights[:, : logits.shape[1]][labels[:, : logits.shape[1]] >= 0].to(dtype)
-    out = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device).index_add(0, row_of, -c * logp)
-    return out / norm
+    logp, row_of = label_logprobs(out, labels, dtype)
+    return _weighted_sum(logp, row_of, weights[labels >= 0].to(dtype), norm)
 
 
-def _optimise_rows(model, block, rows: _Rows, cfg: WindowConfig, d: int):
+def _optimise_rows(run: RowForward, block, rows: _Rows, cfg: WindowConfig, d: int):
     """The §2 loop without KL for one window step (:func:`~lit_edit.targets.descend_rows`): per-row Adam, clamp,
     early stop, last iteration no step."""
     dt = rows.norm.dtype
 
     def losses(it: int, sel: torch.Tensor, st, backward: bool) -> None:
         record = {} if it == 0 else None
-        logits = _forward(model, block, rows, sel, st.delta, record)
+        out = _forward(run, block, rows, sel, st.delta, record)
         if record is not None:
             st.h_init[sel] = record["h"]
-        nll = weighted_nll(logits, rows.labels[sel], rows.weights[sel], rows.norm[sel], dt)
+        nll = weighted_nll(out, rows.labels[sel], rows.weights[sel], rows.norm[sel], dt)
         total = nll + weight_decay_term(st.delta[sel], st.h_init[sel], cfg.v_weight_decay)
         st.loss[sel], st.nll[sel] = total.detach(), nll.detach()
         if backward:
@@ -268,17 +279,19 @@ def compute_affinities(model, layout, layer: int, requests: list[WindowedSequenc
         sel = torch.arange(B, device=dev)
         cos = torch.zeros(B, int(n_fig.max()), device=dev, dtype=dt)
         h_init = None
+        run = RowForward(model, layout, rows.ids, rows.mask, start=layer + 1)  # δ enters at block L's output
+        scored = rows.labels >= 0
         for t in range(cfg.affinity_steps):
             record = {} if t == 0 else None
-            logits = _forward(model, block, rows, sel, delta, record)
+            read = _forward(run, block, rows, sel, delta, record)
             if record is not None:
                 h_init = record["h"]
             wd = weight_decay_term(delta, h_init, cfg.v_weight_decay)
+            logp, row_of = label_logprobs(read, rows.labels, dt)  # every figure reads these tokens' log-probabilities
             grads = []
             for k in range(int(n_fig.max())):  # figure F_{w,w+k}: tokens of windows w … w+k, uniform weights
                 in_fig = (rows.window >= 0) & (rows.window <= w + k)
-                labels = torch.where(in_fig, rows.labels, -100)
-                nll = weighted_nll(logits, labels, in_fig.to(dt), in_fig.sum(1).clamp(min=1).to(dt), dt)
+                nll = _weighted_sum(logp, row_of, in_fig[scored].to(dt), in_fig.sum(1).clamp(min=1).to(dt))
                 has = n_fig > k
                 g, = torch.autograd.grad((nll + wd)[has].sum(), delta, retain_graph=True)
                 grads.append(g)
@@ -336,7 +349,8 @@ def optimise_windows(model, layout, layer: int, requests: list[WindowedSequence]
         idx = [i for i, r in enumerate(requests) if r.N > w]
         lam_w = {i: lam_rows[i][w] for i in idx} if lam_rows is not None else None
         rows = _build_rows(requests, idx, w, cfg.method, lam_w, res["delta"], pad, dev, dt, d)
-        delta, h, loss, nll, steps = _optimise_rows(model, block, rows, cfg, d)
+        run = RowForward(model, layout, rows.ids, rows.mask, start=layer + 1)  # δ enters at block L's output
+        delta, h, loss, nll, steps = _optimise_rows(run, block, rows, cfg, d)
         for b, i in enumerate(idx):
             for k, x in (("delta", delta), ("h", h), ("loss", loss), ("nll", nll), ("steps", steps)):
                 res[k][i].append(x[b])
@@ -353,6 +367,20 @@ def optimise_windows(model, layout, layer: int, requests: list[WindowedSequence]
 # ----------------------------------------------------------------------------------------------------------
 # keys and states for the batch update (§8.5)
 
+PRESERVATION_POSITIONS = ("input", "reference")
+
+
+def fed_ids(r: WindowedSequence, full: bool, n_ctx: int | None) -> list[int]:
+    """The sequence the keys are read from: the model input, question ⧺ answer minus its last token (Q + T − 1), or
+    with ``full`` (``preservation_positions: reference``) question ⧺ the whole answer (Q + T), when that fits the
+    context (else the answer's last token cannot be read, and is left out as in the default). The memory
+    positions' keys are the same either way (causal attention); ``full`` adds one preservation position."""
+    ids = list(r.input_ids)
+    if full and (n_ctx is None or len(ids) < n_ctx):
+        ids.append(r.target_ids[-1])
+    return ids
+
+
 @dataclass
 class WindowKeys:
     K: torch.Tensor  # [d_in, Σ_r N_r]: the edited module's input at each memory position, request-then-window
@@ -360,22 +388,25 @@ class WindowKeys:
     K_p: torch.Tensor | None = None  # [d_in, n_p]: the inputs at every other real position (preservation keys)
 
 
-def _gather(model, requests, capture, pad: int, chunk: int, preservation: bool):
+def _gather(model, requests, capture, pad: int, chunk: int, preservation: bool, stop, full: bool = False):
     """The captured tensor at every memory position (request-then-window) of the question ⧺ target sequences (Q + T −
-    1 tokens: what fits the context) and, with ``preservation``, at all their other real positions."""
-    at, rest = capture_at(model, [r.input_ids for r in requests], [list(r.positions) for r in requests], capture, pad,
-                          chunk, others=preservation)
+    1 tokens: what fits the context; ``full``: :func:`fed_ids`) and, with ``preservation``, at all their other real
+    positions; the forwards end after the module ``stop``."""
+    n_ctx = context_length(model)
+    at, rest = capture_at(model, [fed_ids(r, full and preservation, n_ctx) for r in requests],
+                          [list(r.positions) for r in requests], capture, pad, chunk, others=preservation, stop=stop)
     (key,) = at
     return at[key], (rest[key] if preservation else None)
 
 
 def compute_window_keys(model, layout, layer: int, requests: list[WindowedSequence], preservation: bool = False,
-                        pad: int = 0, chunk: int = 16) -> WindowKeys:
+                        pad: int = 0, chunk: int = 16, full: bool = False) -> WindowKeys:
     """§8.5 keys at ``layer``: one column per window of every request (the input of the edited matrix at the
     memory position in question ⧺ answer minus its last token), and with ``preservation`` the preservation keys K_p at all other
-    real (non-padding) positions of the same sequences, row-major (request, position)."""
+    real (non-padding) positions of the same sequences, row-major (request, position); ``full``: also the answer's
+    last token (:func:`fed_ids`)."""
     mods = {layer: edited_module(model, layout, layer)}
-    K, K_p = _gather(model, requests, lambda: capture_inputs(mods), pad, chunk, preservation)
+    K, K_p = _gather(model, requests, lambda: capture_inputs(mods), pad, chunk, preservation, mods[layer], full)
     cols = [(i, w) for i, r in enumerate(requests) for w in range(r.N)]
     return WindowKeys(K.T.contiguous(), cols, K_p.T.contiguous() if K_p is not None else None)
 
@@ -385,7 +416,7 @@ def compute_window_states(model, layout, layer: int, requests: list[WindowedSequ
     """[Σ_r N_r, d]: block-``layer`` output at every memory position (request-then-window), current model —
     H_L of the residual R = (Z − H_L)/(m − i) in the §4 layer loop."""
     blocks = {layer: block_module(model, layout, layer)}
-    return _gather(model, requests, lambda: capture_outputs(blocks), pad, chunk, False)[0]
+    return _gather(model, requests, lambda: capture_outputs(blocks), pad, chunk, False, blocks[layer])[0]
 
 
 class WindowColumns:
@@ -394,19 +425,20 @@ class WindowColumns:
     same sequences with residual 0 (§8.5: their outputs are kept). Every column carries its request's ledger id,
     so removing the edit later drops its windows and its preservation columns together."""
 
-    def __init__(self, seqs: list[WindowedSequence], fact_ids: list[str], preservation: bool, pad: int):
-        self.seqs, self.preservation, self.pad = seqs, preservation, pad
+    def __init__(self, seqs: list[WindowedSequence], fact_ids: list[str], preservation: bool, pad: int,
+                 full: bool = False, n_ctx: int | None = None):
+        self.seqs, self.preservation, self.pad, self.full = seqs, preservation, pad, full
         self.n_targets = sum(s.N for s in seqs)
         self.ids = [f for s, f in zip(seqs, fact_ids, strict=True) for _ in range(s.N)]
         starts = [sum(s.N for s in seqs[:j]) for j in range(len(seqs))]
         self.rows = [list(range(b, b + s.N)) for b, s in zip(starts, seqs)]  # the target rows of each request
         if preservation:
-            self.ids += [f for s, f in zip(seqs, fact_ids) for _ in range(len(s.input_ids) - s.N)]
+            self.ids += [f for s, f in zip(seqs, fact_ids) for _ in range(len(fed_ids(s, full, n_ctx)) - s.N)]
 
     def keys(self, model, layout, layers: list[int]) -> dict[int, torch.Tensor]:
         out = {}
         for l in layers:
-            wk = compute_window_keys(model, layout, l, self.seqs, self.preservation, self.pad)
+            wk = compute_window_keys(model, layout, l, self.seqs, self.preservation, self.pad, full=self.full)
             out[l] = torch.cat([wk.K, wk.K_p], 1) if wk.K_p is not None else wk.K
         return out
 

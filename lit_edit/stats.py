@@ -4,6 +4,11 @@ Texts are streamed (never loaded whole), truncated to ``max_length`` tokens, pac
 passes of at most ``batch_tokens`` tokens; every non-padding token contributes one key; the sum is
 accumulated in float64 and divided by the token count (uncentred, as the reference). The result is
 cached on disk per (model, layer, corpus, sample count, length cap, dtype) and reused.
+
+``npz`` reads published statistics instead: the ``.npz`` files the ROME/MEMIT/AlphaEdit code writes
+(``layer_stats``: a ``CombinedStat`` holding a ``SecondMoment`` under the name ``mom2``, saved as the
+arrays ``mom2.count``, the number of tokens, and ``mom2.mom2``, the *sum* Σ k kᵀ over them, so
+C0 = mom2.mom2 / mom2.count; :func:`read_npz_stats`).
 """
 from __future__ import annotations
 
@@ -15,10 +20,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from tqdm.auto import tqdm
 from safetensors.torch import save_file
 
 from lit_edit import checks
-from lit_edit.hooks import capture_inputs
+from lit_edit.hooks import capture_inputs, stop_after
 from lit_edit import distributed as dist
 from lit_edit.layouts import edited_module, weight_shape
 from lit_edit.solver_state import C0Files
@@ -42,6 +48,9 @@ class StatsConfig:
     batch_tokens: int = 8192  # tokens per forward pass
     dtype: str = "float32"  # dtype of the cached statistic (accumulation is always float64)
     shuffle_seed: int | None = 1  # hub corpora: a fixed pseudo-random subset (reference: seed 1)
+    # published statistics in the ROME/MEMIT/AlphaEdit layer_stats .npz format instead of a corpus: a directory
+    # (searched for "<edited module>_*.npz" of every edited layer), or a file path with {} for the layer index
+    npz: str | None = None
 
     def __post_init__(self):
         n = lambda field: f"model.stats.{field}"  # noqa: E731  (the setting as written in the YAML config)
@@ -55,6 +64,7 @@ class StatsConfig:
         checks.choice(n("dtype"), self.dtype, STAT_DTYPES)
         if self.shuffle_seed is not None:  # null: the corpus order (numpy seeds are >= 0)
             checks.integer(n("shuffle_seed"), self.shuffle_seed, ge=0)
+        checks.text(n("npz"), self.npz, optional=True)
 
     def for_model(self, model: str) -> StatsConfig:
         """This config with ``dataset`` resolved for the edited ``model`` (``model.model``): unset (None) means the
@@ -101,7 +111,7 @@ def compute_second_moments(model, tok, layout, layers: list[int], texts, max_len
     def run(batch):
         nonlocal count
         ids, mask = pad_batch(batch, pad_id(tok))
-        with capture_inputs(mods) as store, torch.no_grad():
+        with capture_inputs(mods) as store, torch.no_grad(), stop_after(mods[max(layers)]):
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
         real = mask.bool().to(dev)
         for l in layers:
@@ -146,20 +156,68 @@ def weights_fingerprint(model, stride: int = 4099) -> str:
     return h.hexdigest()[:16]
 
 
+def npz_stats_file(source: str, module_name: str, layer: int) -> Path:
+    """The published statistics file of one layer: ``source`` with ``{}`` filled by the layer index, or the one
+    ``<module_name>_*.npz`` under the directory ``source`` (the reference names them
+    ``<model>/<corpus>_stats/<module>_<precision>_mom2_<samples>.npz``)."""
+    if "{}" in source:
+        path = Path(source.format(layer)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.stats.npz: no statistics file {path} for layer {layer}")
+        return path
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"model.stats.npz: {root} is neither a directory nor a file path with {{}} for the "
+                                f"layer index")
+    found = sorted(p for p in root.rglob(f"{module_name}_*.npz") if "mom2" in p.name)
+    if len(found) != 1:
+        raise FileNotFoundError(f"model.stats.npz: expected one '{module_name}_*mom2*.npz' under {root} for layer "
+                                f"{layer}, found {[str(p) for p in found] or 'none'}; give a file path with {{}} "
+                                f"for the layer index instead")
+    return found[0]
+
+
+def read_npz_stats(path: Path, d_in: int) -> tuple[torch.Tensor, int]:
+    """C0 (float64) and the token count from a ``layer_stats`` .npz: ``mom2.mom2`` is the sum Σ k kᵀ over
+    ``mom2.count`` tokens (runningstats.SecondMoment keeps the sum and divides only in ``moment()``)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as f:  # the reference stores its None values NaN-boxed, never pickled
+        if "mom2.mom2" not in f or "mom2.count" not in f:
+            raise ValueError(f"{path}: not a layer_stats second-moment file (arrays {sorted(f.files)}; need "
+                             f"'mom2.mom2' and 'mom2.count')")
+        total, count = torch.from_numpy(f["mom2.mom2"]).double(), int(f["mom2.count"])
+    if tuple(total.shape) != (d_in, d_in):
+        raise ValueError(f"{path}: mom2 is {list(total.shape)}, the edited matrix takes {d_in} inputs")
+    if count <= 0:
+        raise ValueError(f"{path}: mom2.count is {count}")
+    return total / count, count
+
+
 def c0_files(model, tok, layout, layers: list[int], cfg: StatsConfig, model_id: str,
              cache_dir: str | None = None) -> C0Files:
     """The cache file of C0 per layer, computing the missing ones first. The cache key covers the model id, the
-    corpus config and a fingerprint of the weights (:func:`weights_fingerprint`)."""
+    corpus config and a fingerprint of the weights (:func:`weights_fingerprint`). With ``cfg.npz`` the published
+    statistics are read instead (:func:`read_npz_stats`), never computed, and kept as a temporary float64 copy."""
+    if cfg.npz is not None:
+        files = C0Files.spill({l: read_npz_stats(npz_stats_file(cfg.npz, layout.rewrite_module.format(l), l),
+                                                 weight_shape(model, layout, l)[1])[0] for l in layers})
+        files.device = next(model.parameters()).device
+        return files
     if cfg.dataset is None:
         raise ValueError("model.stats.dataset is unresolved: pass StatsConfig.for_model(<model.model>)")
-    ident = {"model": model_id, "weights": weights_fingerprint(model), **asdict(cfg)}
+    # npz is unset here (computed statistics): left out so that caches written before the option existed still match
+    ident = {"model": model_id, "weights": weights_fingerprint(model),
+             **{k: v for k, v in asdict(cfg).items() if k != "npz"}}
     key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)[-80:]
     folder = cache_root(cache_dir) / "stats" / safe / f"{Path(cfg.dataset).name}_{cfg.n_samples}_{cfg.dtype}_{key}"
     path = {l: folder / f"{edited_module(model, layout, l).__class__.__name__}_layer{l}_mom2.safetensors" for l in layers}
     missing = dist.broadcast_object([l for l in layers if not path[l].exists()])  # rank 0 decides for all
     if missing:
-        C, n = compute_second_moments(model, tok, layout, missing, iter_texts(cfg), cfg.max_length, cfg.batch_tokens)
+        texts = tqdm(iter_texts(cfg), total=cfg.n_samples, desc=f"C0 statistics, layers {missing}", unit="text",
+                     disable=dist.rank() != 0, mininterval=2.0)  # the long phase of a real model's set-up
+        C, n = compute_second_moments(model, tok, layout, missing, texts, cfg.max_length, cfg.batch_tokens)
         if dist.rank() == 0:  # computed in shards by every rank, cached once
             folder.mkdir(parents=True, exist_ok=True)
             for l in missing:

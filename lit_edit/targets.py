@@ -8,7 +8,8 @@ prompts (context-prefixed rewriting prompts + one KL prompt). Per request the lo
 minimised by Adam with a norm clamp and early stop. Requests never interact (each sequence
 only sees its own δ, right padding keeps real tokens from attending to pads), so one forward /
 backward over the whole batch, with *per-request* Adam state, early stop and clamp, gives the
-same v* as optimising each request alone (tested against :func:`compute_targets_reference`).
+same v* as optimising each request alone (tested against :func:`compute_targets_reference`). Each iteration runs
+only the blocks after L (lit_edit/truncated.py: blocks 0 … L are computed once per call).
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from lit_edit import checks
-from lit_edit.hooks import rewrite_output
 from lit_edit.layouts import block_module
 from lit_edit.requests import EditRequest
 from lit_edit.tokens import FACT_TOKENS, encode_prompt, fill_context, pad_batch, pad_id, target_ids
+from lit_edit.truncated import Readout, RowForward, reference_forward
 
 
 def hidden_size(model) -> int:
@@ -91,7 +92,9 @@ def build_target_batch(tok, requests: list[EditRequest], context_templates: list
             lab[start : start + len(tgt)] = tgt
             seqs.append(ids), req.append(i), kind.append(0 if c == 0 else 1), lookup.append(enc.index), labels.append(lab)
         enc = encode_prompt(tok, cfg.kl_prompt, r.subject, cfg.fact_token, cfg.legacy_bos_shift)
-        seqs.append(enc.ids), req.append(i), kind.append(2), lookup.append(enc.index), labels.append([-100] * len(enc.ids))
+        kl_ids = enc.ids[: enc.index + 1]  # the KL is read at the fact token; later tokens cannot change it (causal)
+        seqs.append(kl_ids), req.append(i), kind.append(2), lookup.append(enc.index)
+        labels.append([-100] * len(kl_ids))
     ids, mask = pad_batch(seqs, pad_id(tok))
     lab = torch.full_like(ids, -100)
     for b, l in enumerate(labels):
@@ -111,12 +114,13 @@ class TargetResult:
     history: list[float]  # mean loss of the active requests per iteration
 
 
-def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log p(label)`` at every scored position (``labels >= 0``) of ``logits`` [B, T, V], in ``dtype``,
-    flattened in row-major order, and the row of each (for per-row sums with ``index_add``)."""
-    scored = labels >= 0
-    logp = torch.log_softmax(logits[scored].to(dtype), dim=-1).gather(1, labels[scored][:, None])[:, 0]
-    return logp, scored.nonzero()[:, 0]
+def label_logprobs(out: Readout, labels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(label)`` at every scored position (``labels >= 0``, [B, T] over the forwarded rows) of a forward's
+    :class:`~lit_edit.truncated.Readout`, in ``dtype``, flattened in row-major order, and the row of each (for
+    per-row sums with ``index_add``)."""
+    r, c = (labels >= 0).nonzero(as_tuple=True)
+    logp = torch.log_softmax(out.at(r, c).to(dtype), dim=-1).gather(1, labels[r, c][:, None])[:, 0]
+    return logp, r
 
 
 def weight_decay_term(delta: torch.Tensor, h_init: torch.Tensor, weight: float) -> torch.Tensor:
@@ -146,30 +150,36 @@ def adam_rows(delta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch
         delta[a] = torch.where(norm > max_norm, delta[a] * max_norm / norm, delta[a])
 
 
-def request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, delta: torch.Tensor,
-                   kl_ref: torch.Tensor | None, cfg: TargetConfig, record: dict | None):
+def request_losses(run: RowForward, layer_module, batch: TargetBatch, rows: torch.Tensor, delta: torch.Tensor,
+                   kl_ref: torch.Tensor | None, cfg: TargetConfig, record: dict | None, shift=None):
     """Per-request NLL (token-averaged over the rewriting prompts) and KL on the KL prompt at its fact token,
-    for the given rows (one forward), with δ added to ``layer_module``'s output at each row's fact token.
-    ``record`` (first pass) collects h_init and the KL reference. Shared by v* and MetaKE's meta-loss."""
-    width = int(batch.mask[rows].sum(1).max())
-    ids, mask = batch.ids[rows, :width], batch.mask[rows, :width]
-    req, lookup, kind = batch.req[rows], batch.lookup[rows], batch.kind[rows]
+    for the given rows (one forward of ``run``, a :class:`~lit_edit.truncated.RowForward` over ``batch``), with δ
+    added to ``layer_module``'s output at each row's fact token. ``record`` (first pass) collects h_init and the KL
+    reference. ``shift(batch_rows, width)``, if given, is also added to that output at every position (MetaKE's
+    look-ahead, ``[rows, width, d]``). Shared by v* and MetaKE's meta-loss."""
     dev, dt = delta.device, delta.dtype
+    req, lookup, kind = batch.req[rows].to(dev), batch.lookup[rows].to(dev), batch.kind[rows].to(dev)
     ar = torch.arange(len(rows), device=dev)
+    kept: list = []
+    rows_dev = rows.to(dev)
 
-    def add_delta(h):
+    def add_delta(h, sub):  # h: block L's output of the rows rows[sub] (one length group of the forward)
+        s, p, r = ar[: len(sub)], lookup[sub], req[sub]
         if record is not None:  # §2.4: h_init = block-L output of the bare prompt at its fact token, before δ
-            bare = kind == 0
-            record["h_init"] = (req[bare], h[ar[bare], lookup[bare]].detach().to(delta.dtype))
-        return h.index_put((ar, lookup), delta[req].to(h.dtype), accumulate=True)
+            bare = kind[sub] == 0
+            kept.append((r[bare], h[s[bare], p[bare]].detach().to(dt)))
+        if shift is not None:
+            h = h + shift(rows_dev[sub], h.shape[1]).to(h.dtype)
+        return h.index_put((s, p), delta[r].to(h.dtype), accumulate=True)
 
-    with rewrite_output(layer_module, add_delta):
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+    out = run(rows, (layer_module, add_delta))
+    if record is not None:
+        record["h_init"] = tuple(torch.cat(x) for x in zip(*kept))
 
     n = delta.shape[0]
-    labels = batch.labels[rows, :width].to(dev)
+    labels = batch.labels[rows].to(dev)
     scored = labels >= 0
-    logp, row_of = label_logprobs(logits, labels, delta.dtype)
+    logp, row_of = label_logprobs(out, labels, delta.dtype)
     row_nll = torch.zeros(len(rows), device=dev, dtype=dt).index_add(0, row_of, -logp)
     row_nll = row_nll / scored.sum(1).clamp(min=1)
     rew = kind != 2
@@ -177,7 +187,7 @@ def request_losses(model, layer_module, batch: TargetBatch, rows: torch.Tensor, 
     nll = nll / torch.zeros(n, device=dev, dtype=dt).index_add(0, req[rew], torch.ones_like(row_nll[rew])).clamp(min=1)
 
     kl_rows = ~rew
-    kl_logp = torch.log_softmax(logits[ar[kl_rows], lookup[kl_rows]].to(delta.dtype), dim=-1)
+    kl_logp = torch.log_softmax(out.at(ar[kl_rows], lookup[kl_rows]).to(delta.dtype), dim=-1)
     if record is not None:  # first pass (δ = 0): this distribution is the KL reference
         record["kl_ref"] = (req[kl_rows], kl_logp.detach())
         ref = kl_logp.detach()
@@ -239,6 +249,7 @@ def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetC
     dt = opt_dtype(model)
     kl_ref = [torch.zeros(n, 1, device=dev, dtype=dt)]  # the reference distributions, recorded at it = 0
     chunk = cfg.chunk_size or n
+    run = RowForward(model, layout, batch.ids, batch.mask, start=layer + 1)  # δ enters at block L's output
 
     def losses(it: int, act_idx: torch.Tensor, st: RowDescent, backward: bool) -> None:
         act_idx = act_idx.cpu()
@@ -246,7 +257,7 @@ def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetC
             reqs = act_idx[c0 : c0 + chunk]
             rows = torch.isin(batch.req, reqs).nonzero()[:, 0]
             record = {} if it == 0 else None
-            nll, kl = request_losses(model, block, batch, rows, st.delta, kl_ref[0], cfg, record)
+            nll, kl = request_losses(run, block, batch, rows, st.delta, kl_ref[0], cfg, record)
             if record is not None:
                 r_idx, h = record["h_init"]
                 st.h_init[r_idx.to(dev)] = h
@@ -273,24 +284,27 @@ def compute_targets(model, tok, layout, layer: int, requests: list[EditRequest],
 
 
 def compute_targets_reference(model, tok, layout, layer, requests, context_templates, cfg: TargetConfig) -> torch.Tensor:
-    """The reference repos' way: one request at a time, ``torch.optim.Adam`` on δ (MEMIT ``compute_z``).
-    Kept as the baseline of ``benchmarks/edit_throughput.py`` and the equality test."""
+    """The reference repos' way: one request at a time, ``torch.optim.Adam`` on δ (MEMIT ``compute_z``), every
+    iteration a plain forward of the whole model (:func:`~lit_edit.truncated.reference_forward`). Kept as the baseline
+    of ``benchmarks/edit_throughput.py`` and the equality test."""
     block = block_module(model, layout, layer)
     dev = next(model.parameters()).device
     out = []
     for r in requests:
         b = build_target_batch(tok, [r], context_templates, cfg)
         rows = torch.arange(len(b.req))
+        with reference_forward():
+            run = RowForward(model, layout, b.ids, b.mask, start=layer + 1)
         delta = torch.zeros(1, hidden_size(model), device=dev, dtype=opt_dtype(model), requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         rec: dict = {}
-        nll, _ = request_losses(model, block, b, rows, delta, None, cfg, rec)
+        nll, _ = request_losses(run, block, b, rows, delta, None, cfg, rec)
         h_init = torch.zeros_like(delta).detach()
         h_init[rec["h_init"][0]] = rec["h_init"][1]
         kl_ref = rec["kl_ref"][1]
         for it in range(cfg.v_num_grad_steps):
             if it > 0:
-                nll, kl = request_losses(model, block, b, rows, delta, kl_ref, cfg, None)
+                nll, kl = request_losses(run, block, b, rows, delta, kl_ref, cfg, None)
             else:
                 kl = torch.zeros_like(nll)
             loss = nll + cfg.kl_factor * kl + weight_decay_term(delta, h_init, cfg.v_weight_decay).sum()  # one row

@@ -404,6 +404,37 @@ def test_window_keys_and_states_batched_equal_single(setup):
     assert compute_window_keys(model, layout, LAYER, reqs).K_p is None
 
 
+def test_reference_preservation_positions_add_the_answers_last_token(setup):
+    """preservation_positions "reference" (the μKE code's choice): the keys are read from question ⧺ the whole answer,
+    so each request gains exactly one preservation key, the edited module's input at the answer's last token; the
+    memory keys and the other preservation keys are those of the Q + T − 1 input (causal attention)."""
+    from lit_edit.muke import WindowColumns
+
+    tok, model, layout = setup
+    reqs = make_requests(tok)
+    base = compute_window_keys(model, layout, LAYER, reqs, preservation=True)
+    full = compute_window_keys(model, layout, LAYER, reqs, preservation=True, full=True)
+    torch.testing.assert_close(full.K, base.K, rtol=1e-12, atol=1e-12)
+    assert full.K_p.shape[1] == base.K_p.shape[1] + len(reqs)
+    start = 0
+    for i, r in enumerate(reqs):  # row-major: each request's positions in order, its last token last
+        n = r.Q + r.T - 1 - r.N
+        got = {}
+        h = edited_module(model, layout, LAYER).register_forward_pre_hook(lambda _m, a: got.update(x=a[0][0]))
+        try:
+            model(input_ids=torch.tensor([list(r.input_ids) + [r.target_ids[-1]]]))
+        finally:
+            h.remove()
+        block = full.K_p[:, start + i: start + i + n + 1]
+        torch.testing.assert_close(block[:, :n], base.K_p[:, start: start + n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(block[:, n], got["x"][-1], rtol=1e-12, atol=1e-12)
+        start += n
+    cols = WindowColumns(reqs, [f"f{i}" for i in range(len(reqs))], preservation=True, pad=0, full=True)
+    assert len(cols.ids) == full.K.shape[1] + full.K_p.shape[1]
+    with pytest.raises(ValueError, match="preservation_positions"):
+        WindowConfig(preservation_positions="all")
+
+
 def test_batch_update_with_preservation_keys_is_eq_8_5(setup):
     """§8.5 through apply_batch: one layer, a fresh MEMIT solver, targets at that layer, preservation on. The written
     Δ must equal R Kᵀ (λ C0 + K_p K_pᵀ + K Kᵀ)⁻¹ computed here from the keys, with R = Z − H; the ledger gets every

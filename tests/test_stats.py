@@ -1,4 +1,8 @@
-"""C0 = E[k kᵀ] (docs/algorithms.md §3): value, streaming/truncation, and the disk cache's key."""
+"""C0 = E[k kᵀ] (docs/algorithms.md §3): value, streaming/truncation, the disk cache's key, and published statistics
+read from the reference code's .npz files."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +92,56 @@ def test_module_resolves_stats_dataset_once_for_hparams_checkpoints_and_cache(se
     tok, model, layout = setup
     with pytest.raises(ValueError, match="model.stats.dataset is unresolved"):
         S.layer_stats(model, tok, layout, [0], S.StatsConfig(), "m")
+
+
+def write_layer_stats_npz(path, keys, precision=np.float32):
+    """A file as the ROME/MEMIT/AlphaEdit ``layer_stats`` writes it: a CombinedStat(mom2=SecondMoment()) state saved
+    with numpy.savez, i.e. the running *sum* of k kᵀ and the token count under the prefix "mom2.", and tally's args."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = keys.double()
+    np.savez(path, **{"mom2.constructor": np.array("util.runningstats.SecondMoment()"),
+                      "mom2.count": np.array(len(k)), "mom2.mom2": (k.T @ k).numpy().astype(precision),
+                      "sample_size": np.array(7)})
+
+
+@pytest.mark.parametrize("as_template", [False, True])
+def test_published_npz_stats_are_the_sum_divided_by_the_count(setup, tmp_path, as_template):
+    tok, model, layout = setup
+    want, n = explicit_second_moment(model, tok, layout, 2, TEXTS, 12)
+    mod = {2: edited_module(model, layout, 2)}
+    keys = []
+    for t in TEXTS:
+        with capture_inputs(mod) as store, torch.no_grad():
+            model(input_ids=torch.tensor([tok(t, truncation=True, max_length=12)["input_ids"]]))
+        keys.append(store[2][0][0])
+    keys = torch.cat(keys)
+    assert len(keys) == n
+    name = layout.rewrite_module.format(2)  # the reference names files after the edited module
+    folder = tmp_path / "stats" / "tiny" / "wikipedia_stats"
+    write_layer_stats_npz(folder / f"{name}_float64_mom2_7.npz", keys, np.float64)
+    source = str(folder / f"{layout.rewrite_module}_float64_mom2_7.npz") if as_template else str(tmp_path / "stats")
+    cfg = S.StatsConfig(npz=source)  # no corpus needed: the dataset stays unresolved
+    got = S.layer_stats(model, tok, layout, [2], cfg, "tiny", cache_dir=str(tmp_path / "cache"))
+    torch.testing.assert_close(got[2], want, rtol=1e-10, atol=1e-12)
+    assert not (tmp_path / "cache").exists()  # read, never computed or cached
+
+
+def test_published_npz_stats_errors(setup, tmp_path):
+    tok, model, layout = setup
+    name = layout.rewrite_module.format(1)
+    d_in = edited_module(model, layout, 1).weight.shape[0]  # GPT-2's Conv1D stores [d_in, d_out]
+    with pytest.raises(FileNotFoundError, match="found none"):
+        S.layer_stats(model, tok, layout, [1], S.StatsConfig(npz=str(tmp_path)), "tiny")
+    write_layer_stats_npz(tmp_path / "a" / f"{name}_float32_mom2_100000.npz", torch.randn(5, d_in))
+    C = S.layer_stats(model, tok, layout, [1], S.StatsConfig(npz=str(tmp_path)), "tiny")[1]
+    assert C.dtype == torch.float64 and C.shape == (d_in, d_in)
+    write_layer_stats_npz(tmp_path / "b" / f"{name}_float64_mom2_all.npz", torch.randn(5, d_in))
+    with pytest.raises(FileNotFoundError, match="expected one"):  # two candidates: ambiguous
+        S.layer_stats(model, tok, layout, [1], S.StatsConfig(npz=str(tmp_path)), "tiny")
+    wrong = tmp_path / "wrong_{}.npz"
+    write_layer_stats_npz(Path(str(wrong).format(1)), torch.randn(5, d_in + 1))
+    with pytest.raises(ValueError, match="takes"):
+        S.layer_stats(model, tok, layout, [1], S.StatsConfig(npz=str(wrong)), "tiny")
+    np.savez(tmp_path / "other_1.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match="mom2.count"):
+        S.layer_stats(model, tok, layout, [1], S.StatsConfig(npz=str(tmp_path / "other_{}.npz")), "tiny")
