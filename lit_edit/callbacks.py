@@ -245,7 +245,8 @@ class RunRecord(L.Callback):
         self._write_final(trainer, m, final, {})
 
     def on_test_end(self, trainer, m) -> None:
-        self._write_final(trainer, m, m.test_evaluation(), {"test_of": trainer.ckpt_path or "the unedited model"})
+        tested = m.scores.tested(m.env, m.requests, len(m.edits.ids), m.device)  # collective under DDP
+        self._write_final(trainer, m, tested, {"test_of": trainer.ckpt_path or "the unedited model"})
 
     def _write_final(self, trainer, m, final, about: dict) -> None:
         step = trainer.global_step

@@ -91,6 +91,15 @@ def subject_template(name: str, value: Any, *, note: str | None = None):
     return value
 
 
+def corpus(prefix: str, dataset, config_name, split, text_field, n_samples) -> None:
+    """A text corpus read through ``datasets`` (C0's, the monitor's drift text): its settings under ``prefix``."""
+    text(f"{prefix}.dataset", dataset, optional=True)
+    text(f"{prefix}.config_name", config_name, optional=True)
+    text(f"{prefix}.split", split)
+    text(f"{prefix}.text_field", text_field)
+    integer(f"{prefix}.n_samples", n_samples, ge=1)
+
+
 PROTOCOLS = ("sequential", "immediate", "independent")  # docs/metrics.md, "Protocols"
 
 

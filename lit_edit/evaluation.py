@@ -62,6 +62,18 @@ class Scores:
         self.post.update(got)
         return self.mean(env, [], [got[r.case_id] for r in writes], metrics=self.batch_metrics.to(device))
 
+    def tested(self, env, requests: list, n_edits: int, device) -> tuple[dict, list[dict]] | None:
+        """A test's metrics over the ``requests`` it scored (kept in ``post``), with the checkpoint's pre-edit values
+        (on the unedited model, ``n_edits`` 0, ``pre.*`` equals the scores), and the per-record scores; None when
+        nothing was scored."""
+        scored = [r for r in requests if r.case_id in self.post]
+        if not scored:
+            return None
+        if not n_edits:
+            self.pre = dict(self.post)
+        result, per_record = self.final(env, scored, True, device)
+        return {**result, "n_edits": n_edits}, per_record
+
     def final(self, env, edited: list, kept: bool, device) -> tuple[dict, list[dict]]:
         """The final metrics over the live edits with their pre-edit values, and the per-record scores: the scores
         kept right after each batch (``kept``), else those of the current model."""

@@ -228,17 +228,6 @@ class EditModule(L.LightningModule):
         todo = [r for r in batch if r.writes and (not live or r.case_id in live)]
         self.scores.post.update(self.scores.records(self.env, todo))
 
-    def test_evaluation(self) -> tuple[dict, list[dict]] | None:
-        """The test's metrics (with a checkpoint's pre-edit values; on the unedited model, ``pre.*`` equals the
-        scores) and per-record scores; None when nothing was scored."""
-        scored = [r for r in self.requests if r.case_id in self.scores.post]
-        if not scored:
-            return None
-        if not self.edits.ids:
-            self.scores.pre = dict(self.scores.post)
-        result, per_record = self.scores.final(self.env, scored, True, self.device)
-        return {**result, "n_edits": len(self.edits.ids)}, per_record
-
     # -- checkpoints: only what changed ------------------------------------------------------
     def edited_weights(self) -> list[torch.Tensor]:
         return [get_weight(self.llm, self.layout, l) for l in self.layers]

@@ -67,11 +67,7 @@ class DriftText:
 
     def __post_init__(self):
         n = lambda f: f"{NAME} text.{f}"  # noqa: E731
-        checks.text(n("dataset"), self.dataset, optional=True)
-        checks.text(n("config_name"), self.config_name, optional=True)
-        checks.text(n("split"), self.split)
-        checks.text(n("text_field"), self.text_field)
-        checks.integer(n("n_samples"), self.n_samples, ge=1)
+        checks.corpus(f"{NAME} text", self.dataset, self.config_name, self.split, self.text_field, self.n_samples)
         checks.integer(n("max_tokens"), self.max_tokens, ge=2)
         checks.integer(n("batch_size"), self.batch_size, ge=1)
 

@@ -54,11 +54,7 @@ class StatsConfig:
 
     def __post_init__(self):
         n = lambda field: f"model.stats.{field}"  # noqa: E731  (the setting as written in the YAML config)
-        checks.text(n("dataset"), self.dataset, optional=True)
-        checks.text(n("config_name"), self.config_name, optional=True)
-        checks.text(n("split"), self.split)
-        checks.text(n("text_field"), self.text_field)
-        checks.integer(n("n_samples"), self.n_samples, ge=1)
+        checks.corpus("model.stats", self.dataset, self.config_name, self.split, self.text_field, self.n_samples)
         checks.integer(n("max_length"), self.max_length, ge=1)
         checks.integer(n("batch_tokens"), self.batch_tokens, ge=1)
         checks.choice(n("dtype"), self.dtype, STAT_DTYPES)
