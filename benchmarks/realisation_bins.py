@@ -6,6 +6,9 @@ the top and bottom 20 % by ρ (the groups of the paper's KL-strength sweep).
 
 A run dir needs ``edits.jsonl`` with per-request ``rho``/``beta``/``beta_hat`` (written by MetaKE runs, any
 ``bilevel``, so ``metake.bilevel: none`` gives the plain solver's diagnostics) and ``scores.jsonl``.
+
+Efficacy is printed in percent, the unit of ``scores.jsonl`` (lit_edit/report.py); a run written before scores were
+reported in percent (every efficacy a fraction, none above 1) is scaled to percent.
 """
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ def load(run: Path) -> list[dict]:
             rows.append({**e, "efficacy": scores[e["case_id"]].get("efficacy")})
     if not rows:
         raise SystemExit(f"{run}: no per-request rho in edits.jsonl (not a MetaKE run?) or no scores.jsonl")
+    effs = [r["efficacy"] for r in rows if r["efficacy"] is not None]
+    if effs and max(effs) <= 1.0:  # fractions (runs before percent reporting; all-zero reads the same either way)
+        for r in rows:
+            if r["efficacy"] is not None:
+                r["efficacy"] = 100.0 * r["efficacy"]
     return rows
 
 
@@ -59,21 +67,22 @@ def main() -> None:
     for run in args.runs:
         rows = load(run)
         print(f"\n{run}: {len(rows)} requests")
-        print(f"{'bin':>4} {'n':>4} {'rho':>10} {'beta':>7} {'beta_hat':>16} {'efficacy':>9}")
+        print(f"{'bin':>4} {'n':>4} {'rho':>10} {'beta':>7} {'beta_hat':>16} {'eff. %':>9}")
         for i, b in enumerate(bins(rows, args.bins)):
             rho = sum(r["rho"] for r in b) / len(b)
             beta = sum(r["beta"] for r in b) / len(b)
             bh, se = mean_se([r.get("beta_hat", float("nan")) for r in b])
             eff = [r["efficacy"] for r in b if r["efficacy"] is not None]
             print(f"{i:>4} {len(b):>4} {rho:>10.4g} {beta:>7.3f} {bh:>9.3f} ± {se:<5.3f} "
-                  f"{sum(eff) / len(eff) if eff else float('nan'):>9.3f}")
+                  f"{sum(eff) / len(eff) if eff else float('nan'):>9.1f}")
         k = max(1, len(rows) // 5)
         by_rho = sorted(rows, key=lambda r: r["rho"])
         low, high = by_rho[:k], by_rho[-k:]
         eff = lambda g: sum(r["efficacy"] for r in g) / len(g)  # noqa: E731
         r_bb = pearson([r["beta"] for r in rows if "beta_hat" in r], [r["beta_hat"] for r in rows if "beta_hat" in r])
-        print(f"efficacy bottom 20 % by rho {eff(low):.3f}, top 20 % {eff(high):.3f}; corr(beta, beta_hat) {r_bb:.3f}")
-        results.append(f"{run.parent.name}_low={eff(low):.4f} {run.parent.name}_high={eff(high):.4f} "
+        print(f"efficacy (%) bottom 20 % by rho {eff(low):.1f}, top 20 % {eff(high):.1f}; "
+              f"corr(beta, beta_hat) {r_bb:.3f}")
+        results.append(f"{run.parent.name}_low={eff(low):.2f} {run.parent.name}_high={eff(high):.2f} "
                        f"{run.parent.name}_corr={r_bb:.4f}")
     print("RESULT " + " ".join(results))
 

@@ -34,3 +34,18 @@ def test_c0_throughput_at_tiny_shapes(bench, capsys):
                                        "--max_length", "100"])
     assert out[0]["tokens"] == 3000 and out[0]["cap_tokens"] == 10 * out[0]["d_in"]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT gpt-j-6b:tokens_per_s=")
+
+
+def test_realisation_bins_reads_percent_and_fractions(bench, tmp_path):
+    """scores.jsonl holds efficacy in percent; a run written before that (fractions) reads the same, in percent."""
+    import json
+
+    rb = bench("realisation_bins")
+    for scale in (100.0, 1.0):
+        run = tmp_path / f"run{scale:g}"
+        run.mkdir()
+        (run / "edits.jsonl").write_text("".join(
+            json.dumps({"case_id": i, "rho": 0.1 * i, "beta": 0.5, "beta_hat": 0.6}) + "\n" for i in range(4)))
+        (run / "scores.jsonl").write_text("".join(
+            json.dumps({"case_id": i, "efficacy": scale * (i % 2)}) + "\n" for i in range(4)))
+        assert [r["efficacy"] for r in rb.load(run)] == [0.0, 100.0, 0.0, 100.0]

@@ -248,3 +248,24 @@ model:
     extra = write(tmp_path / "extra.yaml", "data: {batch_size: 3}\n")
     cfg = printed_config("--config", str(switch), "--config", str(extra))
     assert cfg["data"]["batch_size"] == 3 and cfg["model"]["solver"]["class_path"] == "lit_edit.solvers.MEMIT"
+
+
+def test_deep_world_configs_meet_issue_19():
+    """The deep world (issue 19) and its configs, without training it: at least 8 blocks, at least 4 of them after
+    the configs' last edited layer, more subjects than edits and never-edited background subjects."""
+    from lit_edit.world.spec import PRESETS
+
+    spec = PRESETS["deep"]
+    assert spec.n_layer >= 8
+    assert spec.n_background > 0
+    deep = sorted((ROOT / "world").glob("deep_*.yaml"))
+    assert {p.stem for p in deep} >= {"deep_alphaedit", "deep_metake"}
+    for path in deep:
+        cfg = load_config(path)
+        assert cfg["model"]["model"] == cfg["data"]["path"] == "world:deep", path
+        layers = cfg["model"]["layers"]
+        assert 0 < min(layers) and spec.n_layer - 1 - max(layers) >= 4, (path, layers)  # lower-middle, >= 4 after
+        n_edits = cfg["data"]["limit"]
+        assert spec.n_subjects > n_edits and spec.n_subjects - spec.n_background >= n_edits, path
+        assert cfg["model"]["method"]["init_args"].get("fact_token", cfg["model"]["method"]["init_args"].get(
+            "base", {}).get("fact_token")) == "subject_first", path
