@@ -45,6 +45,7 @@ class ClosedFormEdit(L.Callback):
         plan, m = outputs["plan"], pl_module
         if m.protocol == "independent":  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
             saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
+        clock = time.perf_counter()
         stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, plan.columns)
         if trainer.datamodule is not None:
             trainer.datamodule.mark_applied()
@@ -52,8 +53,11 @@ class ClosedFormEdit(L.Callback):
             plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
         plan.stats = stats
         m.edits.record(plan.requests, stats.dropped)
+        plan.seconds["write"] = time.perf_counter() - clock  # keys, solve, the update, the solver's ledger
         if plan.writes:  # the batch's scores on the model as written (RunRecord logs them)
+            clock = time.perf_counter()
             plan.batch_scores = m.scores.batch(m.env, plan.writes, m.protocol != "sequential", m.device)
+            plan.seconds["eval"] = time.perf_counter() - clock
         if m.sync_check_every_n_steps and trainer.global_step % m.sync_check_every_n_steps == 0:
             dist.assert_in_sync(m.edited_weights(), f"edited weights after step {trainer.global_step}")
         if m.protocol == "independent":
@@ -173,6 +177,7 @@ class RunRecord(L.Callback):
                 scores = m.scores.mean(m.env, [], pre, device=m.device)
                 edited = {f"edited/{k}": v for k, v in in_units(m.method.evaluator, scores).items()}
                 self.write_scalars(trainer, m, edited, 0)
+            self.write_scalars(trainer, m, {f"time/{k}_seconds": v for k, v in m.setup_seconds.items()}, 0)
             self.sample_pre = self._generate(m) if self.n_samples else []
             self._log_samples(trainer, m, 0)
 
@@ -183,8 +188,10 @@ class RunRecord(L.Callback):
         for r in plan.writes:
             self.edit_step[r.case_id] = step
         if m.eval_every_n_steps and step % m.eval_every_n_steps == 0 and m.protocol != "independent":
+            clock = time.perf_counter()
             scalars.update(self._retention(trainer, m, step))
             self._log_samples(trainer, m, step)
+            scalars["time/retention_seconds"] = time.perf_counter() - clock
         scalars["time/step_seconds"] = time.perf_counter() - plan.started
         self.latest = scalars
         self.write_scalars(trainer, m, scalars, step)

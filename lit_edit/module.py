@@ -46,6 +46,7 @@ class EditPlan:
     info: dict = field(default_factory=dict)  # the method's refinement and diagnostics (MetaKE)
     stats: StepStats | None = None  # filled by the write
     batch_scores: dict | None = None  # the writes' scores right after the write
+    seconds: dict = field(default_factory=dict)  # wall time of the step's phases: targets, write, eval (time/*)
 
     @property
     def writes(self) -> list[EditRequest]:
@@ -131,6 +132,7 @@ class EditModule(L.LightningModule):
         self.context: list[str] = []
         self.scores = Scores(self.method.evaluator)  # pre-edit, per-batch and final scores (lit_edit.evaluation)
         self.final_scores: dict[str, float] = {}
+        self.setup_seconds: dict[str, float] = {}  # load (with the context templates), c0, solver_setup, pre_eval
 
     # -- set-up ---------------------------------------------------------------------------
     def connect(self, requests: list, on_invalid: str = "raise", drop=None, settings: dict | None = None) -> None:
@@ -147,6 +149,7 @@ class EditModule(L.LightningModule):
         Lightning calls this before restoring a checkpoint, so a resumed run sees the same values."""
         if self.llm is not None:
             return
+        clock = time.perf_counter()
         self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name, self.trust_remote_code)
         self.llm.requires_grad_(False).eval()
         self.layout = get_layout(self.llm, self.layout_override)
@@ -161,11 +164,18 @@ class EditModule(L.LightningModule):
         self.method.bind(self.env)
         self.connect(fitting_requests(self.method, self.requests, self._on_invalid, self._drop), self._on_invalid,
                      self._drop, self.data_settings)
+        self.setup_seconds = {"load": time.perf_counter() - clock}  # the set-up's phases (time/* at step 0)
+        clock = time.perf_counter()
         C0 = c0_files(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
+        self.setup_seconds["c0"] = time.perf_counter() - clock  # computed, or read from its disk cache
+        clock = time.perf_counter()
         self.solver.setup(C0.load_all(), source=C0)  # the solver re-reads C0 from its cache files, not keeping A_0
+        self.setup_seconds["solver_setup"] = time.perf_counter() - clock
         if self.eval_pre and self.requests and not (self._trainer is not None and (self.trainer.ckpt_path or
                                                                                  self.trainer.testing)):
+            clock = time.perf_counter()
             self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes], "pre-edit scores")
+            self.setup_seconds["pre_eval"] = time.perf_counter() - clock
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
@@ -198,7 +208,9 @@ class EditModule(L.LightningModule):
         Z, info = torch.zeros(0, d, device=self.device), {}
         if res is not None:
             Z, info = self.method.refine(columns, writes, res, own if dist.is_distributed() else None)
-        return {"plan": EditPlan(batch, Z, res, columns, started, info)}
+        plan = EditPlan(batch, Z, res, columns, started, info)
+        plan.seconds["targets"] = time.perf_counter() - started
+        return {"plan": plan}
 
     @property
     def edited_ids(self) -> list:

@@ -36,7 +36,7 @@ def in_units(evaluator, scores: dict) -> dict:
 
 def step_scalars(m, plan) -> dict:
     """The step's scalars: the targets' losses, update and residual norms per layer, the solver's own figures, the
-    method's diagnostics, the batch's scores (percent), the live edit count and the step's time."""
+    method's diagnostics, the batch's scores (percent), the live edit count and the wall time of the step's phases."""
     n_writes, stats, out = len(plan.writes), plan.stats, {}
     if plan.targets is not None:
         res = plan.targets
@@ -55,6 +55,7 @@ def step_scalars(m, plan) -> dict:
         out.update(plan.info.get("after_write", {}).get("logs", {}))
         out.update({f"batch/{k}": v for k, v in in_units(m.method.evaluator, plan.batch_scores).items()})
     out["n_edits"] = len(m.edits.ids)
+    out.update({f"time/{k}_seconds": v for k, v in plan.seconds.items()})  # targets, write, eval
     return {k: float(v) for k, v in out.items()}
 
 

@@ -45,8 +45,16 @@ def test_tensorboard_step_axis_is_the_ledgers_and_starts_at_the_unedited_model(f
     assert ledger_steps == [1, 2, 3]
     ea = events(run_dir)
     steps = lambda tag: [e.step for e in ea.Scalars(tag)]  # noqa: E731
-    for tag in ("n_edits", "batch/efficacy", "targets/loss", "update/delta_norm/layer_1", "time/step_seconds"):
+    for tag in ("n_edits", "batch/efficacy", "targets/loss", "update/delta_norm/layer_1", "time/step_seconds",
+                "time/targets_seconds", "time/write_seconds", "time/eval_seconds", "time/retention_seconds"):
         assert steps(tag) == ledger_steps, tag
+    # the step's phases are parts of its wall time; the set-up's are at step 0
+    seconds = {k: [e.value for e in ea.Scalars(f"time/{k}_seconds")] for k in
+               ("targets", "write", "eval", "retention", "step")}
+    for i in range(len(ledger_steps)):
+        assert 0 < sum(seconds[k][i] for k in ("targets", "write", "eval", "retention")) <= seconds["step"][i]
+    for tag in ("time/load_seconds", "time/c0_seconds", "time/solver_setup_seconds", "time/pre_eval_seconds"):
+        assert steps(tag) == [0], tag
     assert steps("edited/efficacy") == [0] + ledger_steps  # the retention curve starts at the unedited model
     assert [e.value for e in ea.Scalars("n_edits")] == [2, 4, 6]
     tags = ea.Tags()
