@@ -1,8 +1,9 @@
 """The callbacks of an editing fit, added by ``EditModule.configure_callbacks`` in this order.
 
-* :class:`ClosedFormEdit` — the write: applies each step's plan with the solver (atomically, docs/algorithms.md
-  §4), advances the stream cursor, lets the method measure the write, updates the module's live edit set and the
-  batch's scores, checks that the ranks agree and, under the independent protocol, restores weights and solver.
+* ``lit_edit.editing.ClosedFormEdit`` — the write: applies each step's plan with the solver (atomically,
+  docs/algorithms.md §4), advances the stream cursor, lets the method measure the write, updates the module's live
+  edit set and the batch's scores, checks that the ranks agree and, under the independent protocol, restores
+  weights and solver. It lives with the write itself, so one edit reads top-down in one file.
 * :class:`RunRecord` — the run's record: claims the run directory (lock, no second run, a resume only into its
   own directory); logs, on one step axis (applied batches, 0 = the unedited model), each step's scalars and
   histograms (:mod:`lit_edit.report`), the retention curve and heat map and sample generations
@@ -27,44 +28,8 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lit_edit import board, runs
 from lit_edit import distributed as dist
-from lit_edit.editing import apply_batch
 from lit_edit.monitor import Monitor
 from lit_edit.report import in_units, ledger_lines, metrics_document, print_table, step_histograms, step_scalars
-
-
-class ClosedFormEdit(L.Callback):
-    """Writes the plan of each training step with the module's solver, atomically."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        dm = trainer.datamodule
-        if dm is not None and not callable(getattr(dm, "mark_applied", None)):
-            raise TypeError(f"{type(dm).__name__} cannot record applied batches (no mark_applied()): an editing run "
-                            f"needs lit_edit.data.EditDataModule or a data module with its resumable stream cursor")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        plan, m = outputs["plan"], pl_module
-        if m.protocol == "independent":  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
-            saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
-        clock = time.perf_counter()
-        stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, plan.columns)
-        if trainer.datamodule is not None:
-            trainer.datamodule.mark_applied()
-        if plan.writes:
-            plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
-        plan.stats = stats
-        m.edits.record(plan.requests, stats.dropped)
-        plan.seconds["write"] = time.perf_counter() - clock  # keys, solve, the update, the solver's ledger
-        if plan.writes:  # the batch's scores on the model as written (RunRecord logs them)
-            clock = time.perf_counter()
-            plan.batch_scores = m.scores.batch(m.env, plan.writes, m.protocol != "sequential", m.device)
-            plan.seconds["eval"] = time.perf_counter() - clock
-        if m.sync_check_every_n_steps and trainer.global_step % m.sync_check_every_n_steps == 0:
-            dist.assert_in_sync(m.edited_weights(), f"edited weights after step {trainer.global_step}")
-        if m.protocol == "independent":
-            with torch.no_grad():
-                for w, w0 in zip(m.edited_weights(), saved[0]):
-                    w.copy_(w0)
-            m.solver.load_state_dict(saved[1])
 
 
 class RunRecord(L.Callback):

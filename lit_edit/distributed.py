@@ -170,17 +170,13 @@ def gather_targets(local: TargetResult | None, capacity: int, d: int, dtype: tor
                         rows(local.steps).cpu(), local.history)
 
 
-def shard_targets(method, batch: list, columns, d: int, dtype: torch.dtype, device) -> tuple[TargetResult, list[int]]:
-    """The targets of all writes of ``batch`` (the rows ``columns.rows`` of each), of which this rank optimises its
-    :func:`shard` with ``method``; returns them in the global order and the indices (among the writes) of this
-    rank's own. One process: the method's targets of every write."""
+def own_writes(batch: list, columns) -> tuple[list[int], int]:
+    """This rank's writes of ``batch`` (indices among the writes: its :func:`shard`, whose targets it optimises)
+    and the gather width (the most target rows any rank's shard has, ``columns.rows`` per write). One process:
+    every write."""
     write_pos = [i for i, r in enumerate(batch) if r.writes]
     n_rows = [len(rows) for rows in columns.rows]
     shards = [shard(len(batch), r=r) for r in range(world_size())]
     own = [j for j, i in enumerate(write_pos) if i in shards[rank()]]
-    capacity = max(sum(n for n, i in zip(n_rows, write_pos) if i in sh) for sh in shards)  # gather width
-    local = None
-    if own:
-        with torch.enable_grad():
-            local = method.optimise(columns, own)
-    return gather_targets(local, capacity, d, dtype, device), own
+    capacity = max(sum(n for n, i in zip(n_rows, write_pos) if i in sh) for sh in shards)
+    return own, capacity

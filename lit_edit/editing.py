@@ -9,23 +9,50 @@ Afterwards the keys of the batch are recomputed at every layer on the edited mod
 to the solver's accumulated constraint with the values each layer was asked to store
 (V = W_before K + R, the ledger that removal needs). Requests that replace or remove earlier edits
 first drop those edits (OTE–SE Prop. 3.5). :func:`apply_batch` is atomic: on any error or a
-non-finite Δ the edited matrices and the solver state are restored.
+non-finite Δ the edited matrices and the solver state are restored. :class:`ClosedFormEdit` is the
+Lightning callback that applies each training step's plan through it, and :func:`add_to_weight` /
+:func:`set_weight` are the only writes of an edited weight, so one edit reads top-down in this file.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
+import time
 
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lit_edit import distributed as dist
 from lit_edit.hooks import capture_inputs, capture_outputs, stop_after
-from lit_edit.layouts import add_to_weight, block_module, edited_module, get_weight, set_weight
+from lit_edit.layouts import ModelLayout, block_module, edited_module, get_weight
 from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.tokens import encode_prompt, fill_context, pad_batch, pad_id
 
 
 class EditStepError(RuntimeError):
     """A step that could not be applied; the model and solver state were restored."""
+
+
+@torch.no_grad()
+def add_to_weight(model: nn.Module, layout: ModelLayout, layer: int, delta: Tensor) -> None:
+    """``W += delta`` in place; ``delta`` is ``[d_out, d_in]`` in any float dtype or device."""
+    weight = get_weight(model, layout, layer)
+    _check_shape(weight, delta)
+    weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+
+@torch.no_grad()
+def set_weight(model: nn.Module, layout: ModelLayout, layer: int, W: Tensor) -> None:
+    """``W_layer = W`` in place (the parameter object is kept, so optimizers and hooks stay valid)."""
+    weight = get_weight(model, layout, layer)
+    _check_shape(weight, W)
+    weight.copy_(W)
+
+
+def _check_shape(weight: Tensor, value: Tensor) -> None:
+    if tuple(value.shape) != tuple(weight.shape):
+        raise ValueError(f"expected a [d_out, d_in] = {list(weight.shape)} tensor, got {list(value.shape)}")
 
 
 def capture_at(model, seqs: list[list[int]], positions: list[list[int]], capture, pad: int, chunk: int = 64,
@@ -229,3 +256,38 @@ def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: tor
 def _check_finite(delta: torch.Tensor, layer: int) -> None:
     if not torch.isfinite(delta).all():
         raise EditStepError(f"non-finite update at layer {layer}")
+
+
+class ClosedFormEdit(L.Callback):
+    """Writes the plan of each training step with the module's solver, atomically."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        dm = trainer.datamodule
+        if dm is not None and not callable(getattr(dm, "mark_applied", None)):
+            raise TypeError(f"{type(dm).__name__} cannot record applied batches (no mark_applied()): an editing run "
+                            f"needs lit_edit.data.EditDataModule or a data module with its resumable stream cursor")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        plan, m = outputs["plan"], pl_module
+        if m.protocol == "independent":  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
+            saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
+        clock = time.perf_counter()
+        stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, plan.columns)
+        if trainer.datamodule is not None:
+            trainer.datamodule.mark_applied()
+        if plan.writes:
+            plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
+        plan.stats = stats
+        m.edits.record(plan.requests, stats.dropped)
+        plan.seconds["write"] = time.perf_counter() - clock  # keys, solve, the update, the solver's ledger
+        if plan.writes:  # the batch's scores on the model as written (RunRecord logs them)
+            clock = time.perf_counter()
+            plan.batch_scores = m.scores.batch(m.env, plan.writes, m.protocol != "sequential", m.device)
+            plan.seconds["eval"] = time.perf_counter() - clock
+        if m.sync_check_every_n_steps and trainer.global_step % m.sync_check_every_n_steps == 0:
+            dist.assert_in_sync(m.edited_weights(), f"edited weights after step {trainer.global_step}")
+        if m.protocol == "independent":
+            with torch.no_grad():
+                for w, w0 in zip(m.edited_weights(), saved[0]):
+                    w.copy_(w0)
+            m.solver.load_state_dict(saved[1])

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-import torch
 import transformers
 from torch import Tensor, nn
 
@@ -151,7 +150,7 @@ def block_module(model: nn.Module, layout: ModelLayout, layer: int) -> nn.Module
 def get_weight(model: nn.Module, layout: ModelLayout, layer: int) -> Tensor:
     """The edited weight as ``[d_out, d_in]``: a detached view sharing storage with the parameter.
 
-    Detached so closed-form math never builds an autograd graph; write through ``add_to_weight`` /
+    Detached so closed-form math never builds an autograd graph; the writes are ``lit_edit.editing.add_to_weight`` /
     ``set_weight`` (or in place under ``torch.no_grad``).
     """
     weight = edited_module(model, layout, layer).weight.detach()
@@ -162,27 +161,6 @@ def weight_shape(model: nn.Module, layout: ModelLayout, layer: int) -> tuple[int
     """``(d_out, d_in)`` of the edited weight."""
     d_out, d_in = get_weight(model, layout, layer).shape
     return d_out, d_in
-
-
-@torch.no_grad()
-def add_to_weight(model: nn.Module, layout: ModelLayout, layer: int, delta: Tensor) -> None:
-    """``W += delta`` in place; ``delta`` is ``[d_out, d_in]`` in any float dtype or device."""
-    weight = get_weight(model, layout, layer)
-    _check_shape(weight, delta)
-    weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
-
-
-@torch.no_grad()
-def set_weight(model: nn.Module, layout: ModelLayout, layer: int, W: Tensor) -> None:
-    """``W_layer = W`` in place (the parameter object is kept, so optimizers and hooks stay valid)."""
-    weight = get_weight(model, layout, layer)
-    _check_shape(weight, W)
-    weight.copy_(W)
-
-
-def _check_shape(weight: Tensor, value: Tensor) -> None:
-    if tuple(value.shape) != tuple(weight.shape):
-        raise ValueError(f"expected a [d_out, d_in] = {list(weight.shape)} tensor, got {list(value.shape)}")
 
 
 def block_hidden(output: Tensor | tuple) -> Tensor:

@@ -1,5 +1,6 @@
 """The Lightning glue: ``EditModule`` loads the frozen model and, each training step, asks its target method for
-the batch's targets; the callbacks (``lit_edit.callbacks``) write them and keep the run's record.
+the batch's targets; ``lit_edit.editing.ClosedFormEdit`` writes them and ``lit_edit.callbacks`` keeps the run's
+record.
 
 One training step = one batch of edit requests. ``training_step`` runs the method's inner optimisation of the
 targets (the LLM stays frozen; only per-request δ's are optimised) and returns an :class:`EditPlan`;
@@ -20,8 +21,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lit_edit import checks, runs
 from lit_edit import distributed as dist
-from lit_edit.callbacks import ClosedFormEdit, RunRecord, progress_bar
-from lit_edit.editing import StepStats
+from lit_edit.callbacks import RunRecord, progress_bar
+from lit_edit.editing import ClosedFormEdit, StepStats
 from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.methods import Columns, Env, TargetMethod, VStar
 from lit_edit.data.lengths import fitting_requests
@@ -194,14 +195,18 @@ class EditModule(L.LightningModule):
     # -- the step -------------------------------------------------------------------------
     def training_step(self, batch: list, batch_idx: int):
         """The targets of the batch's writes, from the method. Under DDP every rank gets the same global batch,
-        optimises the targets of its shard (:func:`lit_edit.distributed.shard_targets`) and gathers everyone's, in
+        optimises the targets of its shard (:func:`lit_edit.distributed.own_writes`) and gathers everyone's, in
         the global order; a refinement (MetaKE) then sees all of them."""
         started = time.perf_counter()
         writes = [r for r in batch if r.writes]  # removals need no target
         columns = self.method.columns(writes)
         d = hidden_size(self.llm)
-        res, own = (dist.shard_targets(self.method, batch, columns, d, opt_dtype(self.llm), self.device)
-                    if writes else (None, []))
+        res, own = None, []
+        if writes:
+            own, capacity = dist.own_writes(batch, columns)
+            with torch.enable_grad():
+                local = self.method.optimise(columns, own) if own else None
+            res = dist.gather_targets(local, capacity, d, opt_dtype(self.llm), self.device)
         # Lightning counts global_step through optimizer steps; with no optimizer it hands us a mock one whose
         # step() must be called inside training_step (ModelCheckpoint/max_steps read global_step).
         self.optimizers().step()

@@ -42,7 +42,8 @@ from torchmetrics import MeanMetric
 from lit_edit import checks
 from lit_edit import distributed as dist
 from lit_edit.data.files import iter_texts
-from lit_edit.layouts import get_weight, set_weight
+from lit_edit.editing import set_weight
+from lit_edit.layouts import get_weight
 from lit_edit.probes import WORLD_PROBES, ProbeContext, log_softmax, make_probes, untouched_subjects, world_of
 from lit_edit.tokens import bos_ids, context_length, encode, pad_batch, pad_id
 

@@ -9,17 +9,16 @@ import pytest
 import torch
 import transformers as T
 
+from lit_edit.editing import add_to_weight, set_weight
 from lit_edit.layouts import (
     LAYOUTS,
     ModelLayout,
-    add_to_weight,
     block_hidden,
     block_module,
     edited_module,
     get_layout,
     get_weight,
     replace_block_hidden,
-    set_weight,
     weight_shape,
 )
 

@@ -72,3 +72,47 @@ def test_bertscore_is_reachable_from_the_long_form_method(tmp_path):
     assert {"bleu", "rouge_l", "bertscore", "para.bertscore"} <= set(scores)
     with pytest.raises(ValueError, match="bertscore_model must be a local model directory"):
         Windows(bertscore_model="sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_one_edit_reads_top_down_through_at_most_six_files(tiny_world, tmp_path):
+    """From the YAML to ``W += Δ`` (the step, not the set-up): the lit_edit files on the call stack when the target
+    method makes the targets (``optimise``, ``refine``), when the solver makes Δ (``solve``) and when Δ is written
+    (``add_to_weight``). The callers of these four are the path a reader follows; helpers they call (tokens,
+    hooks, the truncated forward, the solver's parts) are below it."""
+    import os
+    import sys
+
+    import lit_edit
+    from lit_edit import editing, module
+
+    root = os.path.dirname(lit_edit.__file__)
+    events, stacks = {"optimise", "refine", "solve", "add_to_weight"}, {}
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in events and frame.f_code.co_filename.startswith(root):
+            f, files = frame, []
+            while f is not None:
+                if f.f_code.co_filename.startswith(root):
+                    files.append(os.path.relpath(f.f_code.co_filename, root))
+                f = f.f_back
+            stacks.setdefault(frame.f_code.co_name, set()).update(files)
+
+    def traced(fn):
+        def run(*args, **kwargs):
+            sys.setprofile(profile)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sys.setprofile(None)
+        return run
+
+    step, write = module.EditModule.training_step, editing.apply_batch
+    module.EditModule.training_step, editing.apply_batch = traced(step), traced(write)
+    try:
+        fit(tmp_path, {"class_path": "lit_edit.methods.VStar", "init_args": {"v_num_grad_steps": 2}},
+            "--data.limit", "2", "--data.batch_size", "2")
+    finally:
+        module.EditModule.training_step, editing.apply_batch = step, write
+    assert set(stacks) == events  # every event happened (a rename would otherwise pass silently)
+    files = set().union(*stacks.values())
+    assert len(files) <= 6, f"the step's path runs through {len(files)} files: {sorted(files)}"

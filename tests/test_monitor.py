@@ -10,7 +10,8 @@ from lightning.pytorch.loggers.logger import Logger
 
 from lit_edit.data import EditDataError, EditDataModule
 from lit_edit.data.files import iter_texts
-from lit_edit.layouts import add_to_weight, get_layout, get_weight
+from lit_edit.editing import add_to_weight
+from lit_edit.layouts import get_layout, get_weight
 from lit_edit.monitor import DriftText, Monitor, drift, swapped_weights, update_norms
 from lit_edit.probes import ProbeContext, make_probes
 from lit_edit.tokens import bos_ids, encode, target_ids

@@ -8,7 +8,8 @@ import torch
 
 from lit_edit import stats as S
 from lit_edit.hooks import capture_inputs
-from lit_edit.layouts import add_to_weight, edited_module, get_layout, get_weight
+from lit_edit.editing import add_to_weight
+from lit_edit.layouts import edited_module, get_layout, get_weight
 
 from tests.helpers import SENTENCES, tiny_gpt2, tiny_tokenizer
 
