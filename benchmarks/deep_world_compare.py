@@ -10,6 +10,8 @@ between ``<!-- deep_world_compare:<tag> -->`` markers in docs/results.md, with t
     python benchmarks/deep_world_compare.py --write                                   # 200 edits (records 0-199)
     python benchmarks/deep_world_compare.py --offset 200 --limit 40 --tag tune --write  # the tuning records
     python benchmarks/deep_world_compare.py --rows alphaedit metake                   # a subset of the rows
+    python benchmarks/deep_world_compare.py --rows alphaedit memit memit_naive alphaedit_naive prune prune_no_err \
+        rect rect_no_err --limit 1200 --batch_size 50 --tag ote --write                # (c): all 1200 records
 """
 from __future__ import annotations
 
@@ -38,6 +40,16 @@ ROWS = {  # name -> (config, overrides, label)
                  "--model.method.init_args.eta", "0.5"],
                 "MetaKE, relaxed anchor (`w_anchor 1e-3, optimizer adam, eta 0.5`, §4.2)"),
 }
+# Issue 19 (c): the OTE-SE solver comparison (configs/world/*.yaml of docs/results.md §3, made for world:large)
+# moved to the deep world: the same solvers and settings, the deep world's model, stream and edited layers
+DEEP = ["--model.model", "world:deep", "--data.path", "world:deep", "--model.layers", "[1, 2]"]
+for _name, _label in (("memit", "MEMIT aligned (`memit.yaml`, λ 3000)"), ("memit_naive", "MEMIT naive (`memit_naive.yaml`)"),
+                      ("alphaedit_naive", "AlphaEdit naive (`alphaedit_naive.yaml`)"),
+                      ("prune", "PRUNE with error correction (`prune.yaml`)"),
+                      ("prune_no_err", "PRUNE without error correction (`prune_no_err.yaml`)"),
+                      ("rect", "RECT (k 40 %) with error correction (`rect.yaml`)"),
+                      ("rect_no_err", "RECT (k 40 %) without error correction (`rect_no_err.yaml`)")):
+    ROWS[_name] = (f"configs/world/{_name}.yaml", DEEP, _label)
 KEYS = ("efficacy", "generalization", "specificity")
 
 

@@ -14,7 +14,8 @@ checkpoint; its sizes from the same model). The last line is ``RESULT key=value 
 
     python benchmarks/lifelong_scale.py                                  # d_in 6400, d_out 1600, 10k edits
     python benchmarks/lifelong_scale.py --d-in 14336 --d-out 4096        # Llama-3-8B width
-    python benchmarks/lifelong_scale.py --edits 100000                   # ~64 GB of ledger at d_in 6400
+    python benchmarks/lifelong_scale.py --edits 100000                   # 6.4 GB of ledger at d_in 6400
+    python benchmarks/lifelong_scale.py --edits 100000 --no-ledger       # keep_ledger: false, nothing on disk
     python benchmarks/lifelong_scale.py --compare-float32                # + A⁻¹ in float32, same keys: Δ error
     python benchmarks/lifelong_scale.py --memory-table                   # the model at real widths, checked small
 """
@@ -70,11 +71,12 @@ def mb(x: float) -> str:
 
 
 def run(d_in: int, d_out: int, b: int, edits: int, fold_every: int, dtype: str, compare_f32: bool, remove: int,
-        seed: int) -> dict:
+        seed: int, keep_ledger: bool = True) -> dict:
     work = Path(tempfile.mkdtemp(prefix="lifelong_scale_"))
     g = torch.Generator().manual_seed(seed + 1)
     C0 = synthetic_C0(d_in, seed)
-    solvers = {"main": MEMIT(mom2_update_weight=LAM, fold_every=fold_every, inverse_dtype=dtype)}
+    solvers = {"main": MEMIT(mom2_update_weight=LAM, fold_every=fold_every, inverse_dtype=dtype,
+                             keep_ledger=keep_ledger)}
     if compare_f32:
         solvers["f32"] = MEMIT(mom2_update_weight=LAM, fold_every=fold_every, inverse_dtype="float32")
     t0 = time.perf_counter()
@@ -115,7 +117,8 @@ def run(d_in: int, d_out: int, b: int, edits: int, fold_every: int, dtype: str, 
             gc.collect()
             rss, peak = rss_bytes()
             marks[done] = {"rss": rss, "peak_rss": peak, "ckpt": checkpoint_bytes(main, work),
-                           "ledger": directory_bytes(main.ledger.dir), "state": measured_state_bytes(main)}
+                           "ledger": directory_bytes(main.ledger.dir) if main.ledger is not None else 0,
+                           "state": measured_state_bytes(main)}
             print(f"  {done:>7} edits: RSS {mb(rss)} (peak {mb(peak)}), checkpoint {marks[done]['ckpt']:,} B, "
                   f"ledger {mb(marks[done]['ledger'])}, solver tensors {mb(marks[done]['state'])}", flush=True)
     removal_s = None
@@ -206,19 +209,24 @@ def main() -> None:
                    "and time it (reads the whole ledger, rebuilds A_0 from C0)")
     p.add_argument("--memory-table", action="store_true", help="print the memory model for GPT2-XL, GPT-J and "
                    "Llama-3-8B and check it at smaller widths, then exit")
+    p.add_argument("--no-ledger", action="store_true", help="keep_ledger: false, a run that never removes or replaces "
+                   "edits: nothing grows, on disk either (the ledger is (d_in + d_out)·8 B per edit: 6.4 GB at 100k, d_in 6400)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.no_ledger and (a.remove or a.compare_float32):
+        p.error("--no-ledger keeps no ledger: it cannot be combined with --remove or --compare-float32")
     fold_every = a.fold_every or 10 * a.b
     if a.memory_table:
         memory_table(a.b, fold_every)
         return
     d_out = a.d_out or (1600 if a.d_in == 6400 else 4096)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MEMIT_seq λ={LAM:g}, d_in {a.d_in}, d_out "
-          f"{d_out}, b {a.b}, {a.edits} edits, fold_every {fold_every}, A⁻¹ {a.dtype}, ledger on disk", flush=True)
-    r = run(a.d_in, d_out, a.b, a.edits, fold_every, a.dtype, a.compare_float32, a.remove, a.seed)
+          f"{d_out}, b {a.b}, {a.edits} edits, fold_every {fold_every}, A⁻¹ {a.dtype}, "
+          f"{'no ledger' if a.no_ledger else 'ledger on disk'}", flush=True)
+    r = run(a.d_in, d_out, a.b, a.edits, fold_every, a.dtype, a.compare_float32, a.remove, a.seed, not a.no_ledger)
     lo, hi = r["lo_mark"], r["hi_mark"]
-    model_lo = solver_bytes(a.d_in, d_out, None, r["lo"], a.b, fold_every, a.dtype)
-    model_hi = solver_bytes(a.d_in, d_out, None, r["hi"], a.b, fold_every, a.dtype)
+    model_lo = solver_bytes(a.d_in, d_out, None, r["lo"], a.b, fold_every, a.dtype, keep_ledger=not a.no_ledger)
+    model_hi = solver_bytes(a.d_in, d_out, None, r["hi"], a.b, fold_every, a.dtype, keep_ledger=not a.no_ledger)
     w = r["window"]
     print(f"set-up {r['setup_s']:.1f} s; step time (mean of {w}): first {r['first']:.3f} s, middle "
           f"{r['middle']:.3f} s, last {r['last']:.3f} s; of which the ledger write {' / '.join(f'{x:.3f}' for x in r['ledger_s'])} s; "
