@@ -49,3 +49,16 @@ def test_realisation_bins_reads_percent_and_fractions(bench, tmp_path):
         (run / "scores.jsonl").write_text("".join(
             json.dumps({"case_id": i, "efficacy": scale * (i % 2)}) + "\n" for i in range(4)))
         assert [r["efficacy"] for r in rb.load(run)] == [0.0, 100.0, 0.0, 100.0]
+
+
+def test_longform_compare_bins_records_by_answer_length(bench):
+    """benchmarks/longform_compare.py's by-length columns: each record in the bin of its answer_tokens (edges
+    inclusive below, the last bin open above), the mean of that bin's scores, an empty bin None."""
+    lc = bench("longform_compare")
+    bins = lc.length_bins([10, 25, 40])
+    assert bins == [(10, 24), (25, 39), (40, 10**9)]
+    records = [{"answer_tokens": n, "bleu": b, "rouge_l": 2 * b} for n, b in ((10, 1.0), (24, 3.0), (25, 5.0), (61, 7.0))]
+    got = lc.by_length(records, bins)
+    assert [g["n"] for g in got] == [2, 1, 1]
+    assert [g["bleu"] for g in got] == [2.0, 5.0, 7.0] and [g["rouge_l"] for g in got] == [4.0, 10.0, 14.0]
+    assert lc.by_length([], bins)[0]["bleu"] is None
