@@ -65,10 +65,10 @@ def find(doc: dict, key: str):
     return None
 
 
-def run_row(name: str, common: list[str], out: Path) -> dict:
-    config, extra, label = ROWS[name]
-    save = out / name
-    args = ["fit", "--config", config, *extra, *common, "--trainer.callbacks", "[]", "--model.eval_every_n_steps", "0",
+def fit_child(config: str, overrides: list[str], save: Path, name: str) -> tuple[Path, float]:
+    """One ``train.py fit`` in its own child process, without callbacks (no checkpoints, no monitor) and without
+    evaluation during the run; its ``metrics.json`` and wall time."""
+    args = ["fit", "--config", config, *overrides, "--trainer.callbacks", "[]", "--model.eval_every_n_steps", "0",
             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(save)]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
@@ -76,6 +76,12 @@ def run_row(name: str, common: list[str], out: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     (metrics,) = save.glob("*/version_*/metrics.json")
+    return metrics, wall
+
+
+def run_row(name: str, common: list[str], out: Path) -> dict:
+    config, extra, label = ROWS[name]
+    metrics, wall = fit_child(config, [*extra, *common], out / name, name)
     run_dir = metrics.parent
     doc = json.loads(metrics.read_text())
     label += f" + `{' '.join(common[6:])}`" if common[6:] else ""  # the --extra overrides
@@ -98,10 +104,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(tag: str, command: str, rows: list[dict]) -> None:
-    begin, end = f"<!-- deep_world_compare:{tag} -->", f"<!-- /deep_world_compare:{tag} -->"
-    bins = [f"{r['label']}:\n\n```\n{r['bins']}\n```" for r in rows if r.get("bins")]
-    block = "\n\n".join([begin, f"```bash\n{command}\n```", table(rows), *bins, end])
+def write_block(script: str, tag: str, command: str, parts: list[str]) -> None:
+    """Replace the block between ``<!-- script:tag -->`` markers in docs/results.md (or append it) with the command
+    and ``parts``."""
+    begin, end = f"<!-- {script}:{tag} -->", f"<!-- /{script}:{tag} -->"
+    block = "\n\n".join([begin, f"```bash\n{command}\n```", *parts, end])
     text = DOC.read_text()
     pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pat.search(text):
@@ -109,6 +116,11 @@ def write_doc(tag: str, command: str, rows: list[dict]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOC.write_text(text)
+
+
+def write_doc(tag: str, command: str, rows: list[dict]) -> None:
+    bins = [f"{r['label']}:\n\n```\n{r['bins']}\n```" for r in rows if r.get("bins")]
+    write_block("deep_world_compare", tag, command, [table(rows), *bins])
 
 
 def main() -> None:

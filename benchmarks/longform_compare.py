@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "results.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deep_world_compare import fit_child, write_block  # noqa: E402  (one child-fit runner, one docs writer)
+
 METHODS = {"muke": "μKE", "anyedit": "AnyEdit", "one_for_all": "One-for-All"}
 PROTOCOLS = {"independent": ["--model.protocol", "independent", "--data.batch_size", "1"],
              "sequential": ["--model.protocol", "sequential", "--data.batch_size", "4"]}
@@ -53,16 +51,8 @@ def by_length(records: list[dict], bins: list[tuple[int, int]]) -> list[dict]:
 
 
 def run(method: str, protocol: str, common: list[str], out: Path, bins) -> dict:
-    save = out / f"{method}_{protocol}"
-    args = ["fit", "--config", f"configs/world/{method}.yaml", *common, *PROTOCOLS[protocol],
-            "--trainer.callbacks", "[]", "--model.eval_every_n_steps", "0", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(save)]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} {protocol} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    (metrics,) = save.glob("*/version_*/metrics.json")
+    metrics, wall = fit_child(f"configs/world/{method}.yaml", [*common, *PROTOCOLS[protocol]],
+                              out / f"{method}_{protocol}", f"{method} {protocol}")
     doc = json.loads(metrics.read_text())
     records = [json.loads(x) for x in (metrics.parent / "scores.jsonl").read_text().splitlines()]
     return {"method": method, "protocol": protocol, "wall_s": round(wall, 1), "n": doc.get("n_edits"),
@@ -82,15 +72,6 @@ def table(rows: list[dict], bins) -> str:
                      f"| {' / '.join(fmt(b['bleu']) for b in r['bins'])} (n = {n}) "
                      f"| {' / '.join(fmt(b['rouge_l']) for b in r['bins'])} | {r['wall_s']:.0f} s |")
     return "\n".join(lines)
-
-
-def write_doc(tag: str, command: str, text: str) -> None:
-    begin, end = f"<!-- longform_compare:{tag} -->", f"<!-- /longform_compare:{tag} -->"
-    block = "\n\n".join([begin, f"```bash\n{command}\n```", text, end])
-    doc = DOC.read_text()
-    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    doc = pat.sub(lambda _: block, doc) if pat.search(doc) else doc.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(doc)
 
 
 def main() -> None:
@@ -119,7 +100,7 @@ def main() -> None:
     text = table(rows, bins)
     print(text)
     if a.write:
-        write_doc(a.tag, command, text)
+        write_block("longform_compare", a.tag, command, [text])
     print("RESULT " + " ".join(f"{r['method']}_{r['protocol']}_{k.replace('.', '_')}={r[k]}" for r in rows
                                for k in ("bleu", "rouge_l")))
 
