@@ -30,6 +30,7 @@ from lit_edit import board, runs
 from lit_edit import distributed as dist
 from lit_edit.monitor import Monitor
 from lit_edit.report import in_units, ledger_lines, metrics_document, print_table, step_histograms, step_scalars
+from lit_edit.timing import timed
 
 
 class RunRecord(L.Callback):
@@ -153,10 +154,9 @@ class RunRecord(L.Callback):
         for r in plan.writes:
             self.edit_step[r.case_id] = step
         if m.eval_every_n_steps and step % m.eval_every_n_steps == 0 and m.protocol != "independent":
-            clock = time.perf_counter()
-            scalars.update(self._retention(trainer, m, step))
-            self._log_samples(trainer, m, step)
-            scalars["time/retention_seconds"] = time.perf_counter() - clock
+            with timed(scalars, "time/retention_seconds"):
+                scalars.update(self._retention(trainer, m, step))
+                self._log_samples(trainer, m, step)
         scalars["time/step_seconds"] = time.perf_counter() - plan.started
         self.latest = scalars
         self.write_scalars(trainer, m, scalars, step)

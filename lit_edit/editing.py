@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import time
-
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -27,6 +25,7 @@ from lit_edit import distributed as dist
 from lit_edit.hooks import capture_inputs, capture_outputs, stop_after
 from lit_edit.layouts import ModelLayout, block_module, edited_module, get_weight
 from lit_edit.requests import EditRequest, EditRequestError
+from lit_edit.timing import timed
 from lit_edit.tokens import encode_prompt, fill_context, pad_batch, pad_id
 
 
@@ -271,19 +270,17 @@ class ClosedFormEdit(L.Callback):
         plan, m = outputs["plan"], pl_module
         if m.protocol == "independent":  # snapshot to restore after the batch is evaluated (the solver replaces, never mutates)
             saved = ([w.clone() for w in m.edited_weights()], m.solver.state_dict())
-        clock = time.perf_counter()
-        stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, plan.columns)
-        if trainer.datamodule is not None:
-            trainer.datamodule.mark_applied()
-        if plan.writes:
-            plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
-        plan.stats = stats
-        m.edits.record(plan.requests, stats.dropped)
-        plan.seconds["write"] = time.perf_counter() - clock  # keys, solve, the update, the solver's ledger
+        with timed(plan.seconds, "write"):  # keys, solve, the update, the solver's ledger
+            stats = apply_batch(m.llm, m.layout, m.solver, m.layers, plan.requests, plan.Z, plan.columns)
+            if trainer.datamodule is not None:
+                trainer.datamodule.mark_applied()
+            if plan.writes:
+                plan.info["after_write"] = m.method.after_write(plan.columns, plan.writes, plan.Z, plan.info)
+            plan.stats = stats
+            m.edits.record(plan.requests, stats.dropped)
         if plan.writes:  # the batch's scores on the model as written (RunRecord logs them)
-            clock = time.perf_counter()
-            plan.batch_scores = m.scores.batch(m.env, plan.writes, m.protocol != "sequential", m.device)
-            plan.seconds["eval"] = time.perf_counter() - clock
+            with timed(plan.seconds, "eval"):
+                plan.batch_scores = m.scores.batch(m.env, plan.writes, m.protocol != "sequential", m.device)
         if m.sync_check_every_n_steps and trainer.global_step % m.sync_check_every_n_steps == 0:
             dist.assert_in_sync(m.edited_weights(), f"edited weights after step {trainer.global_step}")
         if m.protocol == "independent":

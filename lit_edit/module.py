@@ -33,6 +33,7 @@ from lit_edit.requests import EditRequest
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, c0_files
 from lit_edit.targets import TargetResult, hidden_size, opt_dtype
+from lit_edit.timing import timed
 
 
 @dataclass
@@ -150,33 +151,31 @@ class EditModule(L.LightningModule):
         Lightning calls this before restoring a checkpoint, so a resumed run sees the same values."""
         if self.llm is not None:
             return
-        clock = time.perf_counter()
-        self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name, self.trust_remote_code)
-        self.llm.requires_grad_(False).eval()
-        self.layout = get_layout(self.llm, self.layout_override)
-        n_layers = self.layout.n_layers(self.llm)
-        if self.layers[-1] >= n_layers or self.layers[0] < 0:
-            raise ValueError(f"layers {self.layers} out of range for a model with {n_layers} blocks")
-        self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
-        for cb in self.trainer.callbacks if self._trainer is not None else []:
-            if isinstance(cb, Monitor):  # the unedited matrices, before a checkpoint's are restored
-                cb.capture_unedited(self)
-        self.env = Env(self.llm, self.tok, self.layout, self.layers, self.context, self.solver)
-        self.method.bind(self.env)
-        self.connect(fitting_requests(self.method, self.requests, self._on_invalid, self._drop), self._on_invalid,
-                     self._drop, self.data_settings)
-        self.setup_seconds = {"load": time.perf_counter() - clock}  # the set-up's phases (time/* at step 0)
-        clock = time.perf_counter()
-        C0 = c0_files(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
-        self.setup_seconds["c0"] = time.perf_counter() - clock  # computed, or read from its disk cache
-        clock = time.perf_counter()
-        self.solver.setup(C0.load_all(), source=C0)  # the solver re-reads C0 from its cache files, not keeping A_0
-        self.setup_seconds["solver_setup"] = time.perf_counter() - clock
+        self.setup_seconds = {}  # the set-up's phases (time/* at step 0)
+        with timed(self.setup_seconds, "load"):  # with the context templates and the stream's length check
+            self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name, self.trust_remote_code)
+            self.llm.requires_grad_(False).eval()
+            self.layout = get_layout(self.llm, self.layout_override)
+            n_layers = self.layout.n_layers(self.llm)
+            if self.layers[-1] >= n_layers or self.layers[0] < 0:
+                raise ValueError(f"layers {self.layers} out of range for a model with {n_layers} blocks")
+            self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
+            for cb in self.trainer.callbacks if self._trainer is not None else []:
+                if isinstance(cb, Monitor):  # the unedited matrices, before a checkpoint's are restored
+                    cb.capture_unedited(self)
+            self.env = Env(self.llm, self.tok, self.layout, self.layers, self.context, self.solver)
+            self.method.bind(self.env)
+            self.connect(fitting_requests(self.method, self.requests, self._on_invalid, self._drop), self._on_invalid,
+                         self._drop, self.data_settings)
+        with timed(self.setup_seconds, "c0"):  # computed, or read from its disk cache
+            C0 = c0_files(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
+        with timed(self.setup_seconds, "solver_setup"):  # the solver re-reads C0 from its cache files, not keeping A_0
+            self.solver.setup(C0.load_all(), source=C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and (self.trainer.ckpt_path or
                                                                                  self.trainer.testing)):
-            clock = time.perf_counter()
-            self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes], "pre-edit scores")
-            self.setup_seconds["pre_eval"] = time.perf_counter() - clock
+            with timed(self.setup_seconds, "pre_eval"):
+                self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes],
+                                                      "pre-edit scores")
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
