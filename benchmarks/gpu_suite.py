@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import replace
 
 import lit_edit  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its thread pool)
 import torch
@@ -104,6 +105,12 @@ def timed(dev, fn):
     return out, time.perf_counter() - t, peak_gb(dev)
 
 
+def phase(model: str, **values) -> None:
+    """One ``PHASE`` line as soon as a phase ends: what a run cut short by a time limit still reports."""
+    print(f"PHASE model={model} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in values.items()), flush=True)
+
+
 def run_model(name: str, args, dev) -> dict:
     spec = MODELS[name]
     dtype = getattr(torch, "float32" if args.tiny else spec["dtype"])
@@ -120,13 +127,44 @@ def run_model(name: str, args, dev) -> dict:
     cfg = TargetConfig(v_num_grad_steps=steps, early_stop_loss=0.0, clamp_norm_factor=4.0, chunk_size=args.chunk)
     L = layers[-1]
 
-    res, t_v, mem_v = timed(dev, lambda: compute_targets(model, tok, layout, L, requests, ctx, cfg))
+    weights_gb = torch.cuda.memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+    # warm-up (CUDA context, cuBLAS handles, the allocator's first blocks): two iterations on two requests, untimed
+    compute_targets(model, tok, layout, L, requests[:2], ctx, replace(cfg, v_num_grad_steps=2))
+    phase(name, weights_gb=weights_gb, params_b=sum(p.numel() for p in model.parameters()) / 1e9)
+
+    def fitting(what: str, fn):
+        """fn(cfg) timed; on running out of accelerator memory, again with half as many requests per forward (the
+        result does not depend on it)."""
+        nonlocal cfg
+        while True:
+            out, secs, mem = timed(dev, lambda: fn(cfg))
+            if out is not None or (cfg.chunk_size or args.n) <= 1:
+                return out, secs, mem
+            cfg = replace(cfg, chunk_size=max(1, (cfg.chunk_size or args.n) // 2))
+            phase(name, **{f"{what}_oom_retry_chunk": cfg.chunk_size})
+
+    res, t_v, mem_v = fitting("vstar", lambda c: compute_targets(model, tok, layout, L, requests, ctx, c))
     if res is None:
-        raise SystemExit(f"{name}: v* ran out of accelerator memory; lower --chunk (requests per forward)")
+        raise SystemExit(f"{name}: v* ran out of accelerator memory at one request per forward")
+    phase(name, vstar_s=t_v, peak_vstar_gb=mem_v, chunk=cfg.chunk_size)
     ref, t_r, mem_r = timed(dev, lambda: compute_targets_reference(model, tok, layout, L, requests[: args.ref_n], ctx,
                                                                    cfg))
     V = res.v_star
     rel = ((V[: args.ref_n] - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    phase(name, ref_s=t_r, ref_n=args.ref_n, max_rel_diff=rel)
+    tf32 = {}
+    if args.tf32 and dtype == torch.float32 and dev.type == "cuda":
+        # the same v* with TF32 tensor-core matrix products (10-bit mantissa; PyTorch's default and the reference
+        # repos' is full float32): what the float32 families gain from it, and how far their targets move
+        torch.set_float32_matmul_precision("high")
+        try:
+            res32, t32, _ = timed(dev, lambda: compute_targets(model, tok, layout, L, requests, ctx, cfg))
+        finally:
+            torch.set_float32_matmul_precision("highest")
+        if res32 is not None:
+            rel32 = ((res32.v_star - V).norm(dim=-1) / V.norm(dim=-1)).max().item()
+            tf32 = dict(vstar_tf32_s=t32, tf32_rel_diff=rel32)
+            phase(name, **tf32)
 
     g = torch.Generator(device="cpu").manual_seed(0)
     C0 = {}
@@ -137,16 +175,18 @@ def run_model(name: str, args, dev) -> dict:
     solver = MEMIT(mom2_update_weight=15000.0)
     solver.setup(C0)
 
-    def refine():
+    def refine(c):
         with torch.enable_grad():
-            return refine_targets(model, tok, layout, solver, layers, requests, ctx, V, cfg, MetaKEConfig(T=args.T))
-    ref_meta, t_m, mem_m = timed(dev, refine)  # before the write: the solver and weights are the pre-batch ones
+            return refine_targets(model, tok, layout, solver, layers, requests, ctx, V, c, MetaKEConfig(T=args.T))
+    ref_meta, t_m, mem_m = fitting("metake", refine)  # before the write: the solver and weights are the pre-batch ones
+    phase(name, metake_s=t_m, peak_metake_gb=mem_m, chunk=cfg.chunk_size)
 
     cols = FactColumns(tok, requests, ctx, cfg.fact_token)
     _, t_s, mem_s = timed(dev, lambda: apply_batch(model, layout, solver, layers, requests, V, cols))
+    phase(name, solve_s=t_s, peak_solve_gb=mem_s)
 
     n = len(requests)
-    out = dict(model=name, dtype=str(dtype).replace("torch.", ""), n=n, steps=steps, vstar_s=t_v,
+    out = dict(model=name, dtype=str(dtype).replace("torch.", ""), n=n, steps=steps, chunk=cfg.chunk_size, vstar_s=t_v,
                vstar_edits_per_s=n / t_v, ref_edits_per_s=args.ref_n / t_r,
                vstar_speedup=(n / t_v) / (args.ref_n / t_r),
                max_rel_diff=rel, solve_s=t_s, edits_per_s=n / (t_v + t_s),
@@ -154,7 +194,7 @@ def run_model(name: str, args, dev) -> dict:
                metake_overhead=(t_v + t_s + t_m) / (t_v + t_s) if ref_meta is not None else float("nan"),
                metake_edits_per_s=n / (t_v + t_s + t_m) if ref_meta is not None else float("nan"),
                peak_vstar_gb=mem_v, peak_ref_gb=mem_r, peak_metake_gb=mem_m, peak_solve_gb=mem_s,
-               metake_oom=ref_meta is None)
+               metake_oom=ref_meta is None, **tf32)
     return out
 
 
@@ -167,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--T", type=int, default=15, help="MetaKE refinement steps")
     p.add_argument("--chunk", type=int, default=0, help="v* requests per forward (0: all; 25 fits 8B models at n=100)")
     p.add_argument("--tiny", action="store_true", help="small shapes (default on a machine without CUDA)")
+    p.add_argument("--tf32", action="store_true", help="also time v* of the float32 families with TF32 matrix products")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     dev = torch.device(args.device)

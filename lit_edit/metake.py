@@ -168,31 +168,56 @@ class MetaObjective:
         R = V - self.H
         return R.detach() if self.cfg.feedback == "stop_grad" else R
 
-    def loss_in_current_model(self, V: torch.Tensor, start: int | None = None, shift=None) -> tuple[torch.Tensor, dict]:
+    def row_chunks(self) -> list[torch.Tensor]:
+        """The rows of this process's requests in groups of ``chunk_size`` requests (v*'s setting; 0: one group).
+        L_meta is a sum over requests plus the anchor, so the groups' losses and gradients add up to the whole
+        batch's, and one iteration holds only one group's activations (what lets real-shape batches fit)."""
+        size = self.tcfg.chunk_size
+        if not size or size >= len(self.own):
+            return [self.rows]
+        req = self.batch.req[self.rows]
+        return [self.rows[torch.isin(req, self.own[c : c + size])] for c in range(0, len(self.own), size)]
+
+    def loss_in_current_model(self, V: torch.Tensor, start: int | None = None, shift=None,
+                              rows: torch.Tensor | None = None, anchor: bool = True) -> tuple[torch.Tensor, dict]:
         """L_meta evaluated on the model as it is now (the caller installs the look-ahead or a real update), plus
         ``shift`` at block L's output (see :func:`~lit_edit.targets.request_losses`); blocks below ``start``
-        (default L) must be as they were before the batch."""
-        if len(self.rows):
+        (default L) must be as they were before the batch. ``rows`` (default: all of this process's) restricts the
+        NLL and KL terms to those rows' requests; ``anchor=False`` leaves out the anchor term (a chunk after the
+        first, :meth:`row_chunks`)."""
+        rows = self.rows if rows is None else rows
+        if len(rows):
             run = self.run_from(self.L if start is None else start)
-            nll, kl = request_losses(run, self.block, self.batch, self.rows, self.zero, self.kl_ref, self.tcfg, None,
-                                     shift)
+            nll, kl = request_losses(run, self.block, self.batch, rows, self.zero, self.kl_ref, self.tcfg, None, shift)
         else:  # an all-padding DDP shard contributes only zeros (it still joins the collectives)
             nll = kl = torch.zeros(len(self.zero), device=V.device, dtype=self.dt)
         own = self.own.to(V.device)
-        anchor = (V[own] - self.V_init[own]).pow(2).sum()
+        dist = (V[own] - self.V_init[own]).pow(2).sum() if anchor else V.new_zeros(())
         c = self.cfg
-        total = c.w_edit * nll.sum() + c.w_loc * kl.sum() + c.w_anchor * anchor
-        return total, {"nll": nll.detach(), "kl": kl.detach(), "anchor": anchor.detach()}
+        total = c.w_edit * nll.sum() + c.w_loc * kl.sum() + c.w_anchor * dist
+        return total, {"nll": nll.detach(), "kl": kl.detach(), "anchor": dist.detach()}
 
-    def loss(self, V: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, V: torch.Tensor, rows: torch.Tensor | None = None, anchor: bool = True) -> tuple[torch.Tensor, dict]:
         """L_meta on the virtual look-ahead model W_L + Δ_proxy(V): P R added to block L's output (blocks from L + 1
         run, :meth:`gate_responses`), or, where that does not hold or inside ``reference_forward``, a hook on layer
-        L's edited matrix (blocks from L run)."""
+        L's edited matrix (blocks from L run). ``rows`` / ``anchor``: as :meth:`loss_in_current_model`."""
         R = self.proxy_residual(V)
         if self.P is not None:
-            return self.loss_in_current_model(V, self.L + 1, lambda rows, width: self.P[rows, :width] @ R)
+            return self.loss_in_current_model(V, self.L + 1, lambda rows, width: self.P[rows, :width] @ R, rows, anchor)
         with add_to_output(self.module, lambda x: (x.to(self.dt) @ self.M.T) @ R):
-            return self.loss_in_current_model(V)
+            return self.loss_in_current_model(V, rows=rows, anchor=anchor)
+
+    def evaluate(self, V: torch.Tensor, backward: bool) -> tuple[torch.Tensor, dict]:
+        """L_meta (detached) and its parts over :meth:`row_chunks`; with ``backward`` each chunk's loss is
+        backpropagated as soon as it is computed, so V.grad ends as the whole loss's gradient."""
+        total, parts = None, None
+        for i, rows in enumerate(self.row_chunks()):
+            t, p = self.loss(V, rows, anchor=i == 0)
+            if backward and t.requires_grad:
+                t.backward()
+            total = t.detach() if total is None else total + t.detach()
+            parts = p if parts is None else {k: parts[k] + p[k] for k in parts}
+        return total, parts
 
 
 def solved_meta_loss(obj: MetaObjective, tok, layout, solver, layers: list[int], requests, context_templates,
@@ -259,24 +284,24 @@ def refine_targets(model, tok, layout, solver, layers: list[int], requests, cont
     steps = cfg.T if cfg.bilevel == "metake" else 0
     opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)([V], lr=cfg.eta)
     for t in range(steps):
-        total, parts = obj.loss(V)
-        history.append(all_reduce_sum(total.detach()).item())
+        opt.zero_grad()
+        # the gradient is computed with the loss, chunk by chunk (it is discarded if the checks below stop here)
+        total, parts = obj.evaluate(V, backward=True)
+        history.append(all_reduce_sum(total).item())
         if not (math.isfinite(history[-1]) and torch.isfinite(V).all()):
             raise FloatingPointError(f"MetaKE refinement diverged at iteration {t} (meta-loss {history[-1]:.4g}, "
                                      f"history {history[:-1][-3:]}): lower metake.eta (now {cfg.eta:g})")
         if cfg.tol > 0 and t and history[-2] - history[-1] < cfg.tol * abs(history[-2]):
             history.append(history[-1])  # early stop: this V's loss is already known, and final
             break
-        opt.zero_grad()
-        if total.requires_grad:  # stop_grad at V = V_init leaves nothing to differentiate
-            total.backward()
+        if V.grad is not None:  # stop_grad at V = V_init leaves nothing to differentiate
             V.grad = all_reduce_sum(V.grad)
             if t == 0:
                 grad_start = V.grad.norm(dim=-1).detach().float().cpu()
             opt.step()
     else:  # all T steps taken: evaluate the loss at the final V
         with torch.no_grad():
-            total, parts = obj.loss(V)
+            total, parts = obj.evaluate(V, backward=False)
         history.append(all_reduce_sum(total).item())
     if steps and history[-1] > history[0]:  # the paper's plain descent returns V_T whatever happened
         warnings.warn(f"MetaKE refinement raised the meta-loss ({history[0]:.4g} -> {history[-1]:.4g}); "
