@@ -44,7 +44,7 @@ KEEP_GOING=1
 part 60 python3 -m pytest -q -p no:cacheprovider \
     "tests/test_lifelong.py::test_device_cpu_keeps_the_algebra_on_the_host_with_the_same_result"
 part 150 python3 benchmarks/gpu_suite.py --models gpt2-xl --tf32 "${tiny[@]}"
-part 170 python3 benchmarks/gpu_suite.py --models llama3-8b --chunk 50 "${tiny[@]}"
-part 130 python3 benchmarks/gpu_suite.py --models gpt-j-6b --chunk 50 "${tiny[@]}"
+part 170 python3 benchmarks/gpu_suite.py --models llama3-8b "${tiny[@]}"
+part 130 python3 benchmarks/gpu_suite.py --models gpt-j-6b "${tiny[@]}"
 part 60 python3 benchmarks/c0_throughput.py ${SMOKE:+$( [ "$SMOKE" = 1 ] && echo --tiny --tokens 256)}
 echo "== done in $(($(date +%s) - start)) s" | tee -a "$log"

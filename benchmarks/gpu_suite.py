@@ -3,12 +3,13 @@ from their configs (no hub access), on one batch of synthetic CounterFact-style 
 
 Per model, in one process: the batched v* (lit_edit/targets.py, truncated forward) and the per-request v* loop with the
 plain full forward (the reference repos' way) on the first ``--ref_n`` requests, whose targets must agree to 1e-3
-(relative); the closed-form write of the batch (MEMIT at the model's published layers, keys and states included);
+(relative) in float32 (in bf16 the two loops' different batch shapes round differently: 1e-2 to 1e-1 measured on
+random GPT-J / Llama shapes, docs/results.md §7.3); the closed-form write of the batch (MEMIT at the model's published layers, keys and states included);
 MetaKE's refinement of the same targets (T steps); edits per second without and with MetaKE; and the peak accelerator
 memory of each phase. A random model never reaches v*'s early-stop loss, so every request takes all its steps.
 
     python benchmarks/gpu_suite.py                                   # all three, 100 requests (GPU)
-    python benchmarks/gpu_suite.py --models llama3-8b --n 100 --chunk 25
+    python benchmarks/gpu_suite.py --models llama3-8b --n 100 --chunk 50     # 50 requests per forward (v* and MetaKE)
     python benchmarks/gpu_suite.py --tiny                            # small shapes: the CPU smoke test
 
 Prints one ``MODEL`` line per model and ends with one ``RESULT`` line.
@@ -113,7 +114,7 @@ def phase(model: str, **values) -> None:
 
 def run_model(name: str, args, dev) -> dict:
     spec = MODELS[name]
-    dtype = getattr(torch, "float32" if args.tiny else spec["dtype"])
+    dtype = getattr(torch, args.dtype or ("float32" if args.tiny else spec["dtype"]))
     layers = TINY_LAYERS if args.tiny else spec["layers"]
     config = spec["cls"](**(TINY[name] if args.tiny else spec["config"]))
     torch.manual_seed(0)
@@ -205,8 +206,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ref_n", type=int, default=10, help="requests the per-request loop optimises (it is linear in n)")
     p.add_argument("--steps", type=int, default=0, help="v* iterations (0: the model's published setting)")
     p.add_argument("--T", type=int, default=15, help="MetaKE refinement steps")
-    p.add_argument("--chunk", type=int, default=0, help="v* requests per forward (0: all; 25 fits 8B models at n=100)")
+    p.add_argument("--chunk", type=int, default=0, help="requests per forward in v* and MetaKE (0: all; all 100 fit on an "
+                   "H200: 62 GB peak for Llama-3-8B; halved automatically on running out of memory)")
     p.add_argument("--tiny", action="store_true", help="small shapes (default on a machine without CUDA)")
+    p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"],
+                   help="the model's dtype (default: the family's published one; float32 at --tiny)")
     p.add_argument("--tf32", action="store_true", help="also time v* of the float32 families with TF32 matrix products")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
