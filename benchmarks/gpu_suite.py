@@ -161,7 +161,7 @@ def run_model(name: str, args, dev) -> dict:
         try:
             res32, t32, _ = timed(dev, lambda: compute_targets(model, tok, layout, L, requests, ctx, cfg))
         finally:
-            torch.set_float32_matmul_precision("highest")
+            torch.set_float32_matmul_precision(args.matmul_precision)
         if res32 is not None:
             rel32 = ((res32.v_star - V).norm(dim=-1) / V.norm(dim=-1)).max().item()
             tf32 = dict(vstar_tf32_s=t32, tf32_rel_diff=rel32)
@@ -212,9 +212,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"],
                    help="the model's dtype (default: the family's published one; float32 at --tiny)")
     p.add_argument("--tf32", action="store_true", help="also time v* of the float32 families with TF32 matrix products")
+    p.add_argument("--matmul_precision", default="highest", choices=["highest", "high"],
+                   help="torch.set_float32_matmul_precision for the whole run, both loops ('high': TF32 products)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     args.tiny = args.tiny or dev.type != "cuda"
     args.ref_n = min(args.ref_n, args.n)
     results = []
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"vstar_s={r['vstar_s']:.3g},solve_s={r['solve_s']:.3g},metake_overhead={r['metake_overhead']:.3g},"
         f"edits_per_s={r['edits_per_s']:.3g},metake_edits_per_s={r['metake_edits_per_s']:.3g},"
         f"peak_gb={max(r['peak_vstar_gb'], r['peak_metake_gb'], r['peak_solve_gb']):.3g}" for r in results)
-        + f" n={args.n} device={dev.type} tiny={args.tiny}")
+        + f" n={args.n} device={dev.type} tiny={args.tiny} matmul_precision={args.matmul_precision}")
     return results
 
 
