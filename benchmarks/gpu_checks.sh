@@ -5,8 +5,12 @@
 #   bash benchmarks/gpu_checks.sh            # writes gpu_checks.log into $OUT (or ./gpu_out)
 #
 # Python packages the machine lacks (or has in another version than constraints.txt) can travel as wheels in .whl/;
-# they are installed first, into /tmp/site. Every part prints as it goes, so a part cut off by its limit still
-# reports the phases it finished (gpu_suite.py's PHASE lines).
+# they are installed first, into /tmp/site. The H200 image had transformers 5.17, so the pinned one travelled:
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl transformers==5.24.0 regex==2026.11.19
+# Every part prints as it goes, so a part cut off by its limit still reports the phases it finished (gpu_suite.py's
+# PHASE lines).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
