@@ -154,7 +154,8 @@ def run_model(name: str, args, dev) -> dict:
     rel = ((V[: args.ref_n] - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     phase(name, ref_s=t_r, ref_n=args.ref_n, max_rel_diff=rel)
     tf32 = {}
-    if args.tf32 and dtype == torch.float32 and dev.type == "cuda":
+    # (under --matmul_precision high the whole run is already TF32: nothing to compare)
+    if args.tf32 and args.matmul_precision == "highest" and dtype == torch.float32 and dev.type == "cuda":
         # the same v* with TF32 tensor-core matrix products (10-bit mantissa; PyTorch's default and the reference
         # repos' is full float32): what the float32 families gain from it, and how far their targets move
         torch.set_float32_matmul_precision("high")

@@ -192,10 +192,10 @@ class MetaObjective:
         else:  # an all-padding DDP shard contributes only zeros (it still joins the collectives)
             nll = kl = torch.zeros(len(self.zero), device=V.device, dtype=self.dt)
         own = self.own.to(V.device)
-        dist = (V[own] - self.V_init[own]).pow(2).sum() if anchor else V.new_zeros(())
+        anchor_term = (V[own] - self.V_init[own]).pow(2).sum() if anchor else V.new_zeros(())
         c = self.cfg
-        total = c.w_edit * nll.sum() + c.w_loc * kl.sum() + c.w_anchor * dist
-        return total, {"nll": nll.detach(), "kl": kl.detach(), "anchor": dist.detach()}
+        total = c.w_edit * nll.sum() + c.w_loc * kl.sum() + c.w_anchor * anchor_term
+        return total, {"nll": nll.detach(), "kl": kl.detach(), "anchor": anchor_term.detach()}
 
     def loss(self, V: torch.Tensor, rows: torch.Tensor | None = None, anchor: bool = True) -> tuple[torch.Tensor, dict]:
         """L_meta on the virtual look-ahead model W_L + Δ_proxy(V): P R added to block L's output (blocks from L + 1
