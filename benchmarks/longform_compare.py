@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="further overrides for every run (one string, shell-quoted)")
     ap.add_argument("--tag", default="main")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--keep", type=Path, help="keep every run's directory (metrics.json, scores.jsonl, edits.jsonl) "
+                    "under this folder instead of a temporary one")
     a = ap.parse_args()
     bins = length_bins(a.bins)
     common = ["--model.model", a.world, "--data.path", a.world, "--model.layers", a.layers,
@@ -92,9 +94,10 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(x) for x in ["benchmarks/longform_compare.py", *sys.argv[1:]])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        out = a.keep or Path(tmp)
         for protocol in a.protocols:
             for method in a.methods:
-                row = run(method, protocol, common, Path(tmp), bins)
+                row = run(method, protocol, common, out, bins)
                 rows.append(row)
                 print(f"ROW {json.dumps(row)}", flush=True)
     text = table(rows, bins)
