@@ -197,7 +197,8 @@ RELATIONS: tuple[Relation, ...] = (
 
 PRESETS: dict[str, WorldSpec] = {
     # 300 subjects (200 edited, 100 background) x 6 relations, 4 blocks x 256 wide (~3.7 M parameters);
-    # trained in 476 s by one thread on an otherwise idle 2-core machine (`make demo` from a fresh clone: 709 s in all).
+    # built in 476-479 s by one thread on an otherwise idle 2-core machine (`make demo` from a fresh clone, after
+    # the 95 s `make setup`: 577 s in all).
     "default": WorldSpec(n_subjects=300, n_background=100, n_surnames=24, n_objects=10, epochs=11),
     # For long sequential runs (OTE-SE's 1000 edits): 1100 subjects (1000 edited, 100 background), same model.
     "large": WorldSpec(n_subjects=1100, n_background=100, n_surnames=24, n_objects=10, epochs=8),
