@@ -20,6 +20,7 @@ docs/results.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -92,9 +93,13 @@ def main() -> None:
     common = ["--model.model", a.world, "--data.path", a.world, "--model.layers", a.layers,
               "--data.limit", str(a.limit), *shlex.split(a.extra)]
     command = "python " + " ".join(shlex.quote(x) for x in ["benchmarks/longform_compare.py", *sys.argv[1:]])
+    if a.keep is not None:  # each run's directory must be new: fit_child reads the one metrics.json under it
+        taken = [f"{m}_{p}" for p in a.protocols for m in a.methods if (a.keep / f"{m}_{p}").exists()]
+        if taken:
+            ap.error(f"--keep {a.keep}: already holds {', '.join(taken)} from an earlier run; give a new folder")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = a.keep or Path(tmp)
+    with tempfile.TemporaryDirectory() if a.keep is None else contextlib.nullcontext(a.keep) as out:
+        out = Path(out)
         for protocol in a.protocols:
             for method in a.methods:
                 row = run(method, protocol, common, out, bins)

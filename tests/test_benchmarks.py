@@ -62,3 +62,17 @@ def test_longform_compare_bins_records_by_answer_length(bench):
     assert [g["n"] for g in got] == [2, 1, 1]
     assert [g["bleu"] for g in got] == [2.0, 5.0, 7.0] and [g["rouge_l"] for g in got] == [4.0, 10.0, 14.0]
     assert lc.by_length([], bins)[0]["bleu"] is None
+
+
+def test_longform_compare_keep_refuses_a_folder_with_an_earlier_run(bench, tmp_path, monkeypatch, capsys):
+    """--keep DIR: a run's directory already there (an earlier run) is refused by name before any fit starts,
+    instead of two metrics.json under one run later."""
+    lc = bench("longform_compare")
+    (tmp_path / "anyedit_sequential").mkdir()
+    monkeypatch.setattr(lc, "run", lambda *a: pytest.fail("a fit started"))
+    monkeypatch.setattr(sys, "argv", ["longform_compare.py", "--keep", str(tmp_path), "--protocols", "sequential",
+                                      "--methods", "muke", "anyedit"])
+    with pytest.raises(SystemExit):
+        lc.main()
+    err = capsys.readouterr().err
+    assert f"--keep {tmp_path}" in err and "anyedit_sequential" in err and "muke_sequential" not in err
