@@ -10,10 +10,9 @@ by the module).
 """
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 from lit_edit import distributed as dist
 from lit_edit.metrics import compute_metrics, make_metrics, update_metrics
+from lit_edit.progress import is_interactive, track
 
 
 CHUNK = 256  # requests scored per call of the evaluator (its own batching is within a call)
@@ -28,12 +27,13 @@ class Scores:
 
     def records(self, env, requests: list, desc: str | None = None, full: bool = True) -> dict:
         """case_id -> scores of ``requests``; each rank scores its shard and every rank gets the union. ``desc``:
-        show a progress bar (rank 0) for a long scoring, e.g. the pre-edit evaluation of a real stream; ``full``:
-        the evaluator's costly metrics too (generations), as metrics.json has them."""
+        show the progress (rank 0; a bar, or lines in a log: lit_edit.progress) of a long scoring, e.g. the pre-edit
+        evaluation of a real stream; ``full``: the evaluator's costly metrics too (generations), as metrics.json has
+        them."""
         mine = [requests[i] for i in dist.shard(len(requests))]
         scores = []
-        with tqdm(total=len(mine), desc=desc, unit="req", disable=desc is None or dist.rank() != 0 or
-                  len(mine) <= CHUNK) as bar:
+        with track(total=len(mine), desc=desc, unit="req", disable=desc is None or dist.rank() != 0 or
+                   len(mine) <= CHUNK) as bar:
             for start in range(0, len(mine), CHUNK):  # chunks: the same scores, a live progress bar
                 scores += self.evaluator.scores(env, mine[start:start + CHUNK], full=full)
                 bar.update(len(mine[start:start + CHUNK]))
@@ -77,7 +77,8 @@ class Scores:
     def final(self, env, edited: list, kept: bool, device) -> tuple[dict, list[dict]]:
         """The final metrics over the live edits with their pre-edit values, and the per-record scores: the scores
         kept right after each batch (``kept``), else those of the current model."""
-        post = self.post if kept else self.records(env, edited)
+        # in a log, lines while scoring; on a terminal no bar under Lightning's live one (the fit's end)
+        post = self.post if kept else self.records(env, edited, None if is_interactive() else "final scores")
         final = self.mean(env, [], [post[r.case_id] for r in edited], device=device)
         pre = [self.pre[r.case_id] for r in edited if r.case_id in self.pre]
         pre_scores = self.mean(env, [], pre, device=device) if pre else {}

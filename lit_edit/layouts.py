@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
+import torch
 import transformers
 from torch import Tensor, nn
 
@@ -65,6 +66,14 @@ register_layout(
 )
 for _model_type in ("llama", "mistral", "qwen2"):
     register_layout(_model_type, ModelLayout("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.norm", "lm_head"))
+# Gemma 3 (text): the same module paths. What differs, and is handled where it matters: the embeddings are scaled
+# by sqrt(d) inside the embedding module (so noise or states read at its output are in the scaled space); the MLP
+# output passes a post-feed-forward RMSNorm (Gemma 3) before the residual sum, so a change of down_proj's output is
+# not a change of the block's output (truncated.output_reaches_block_output probes this and MetaKE's look-ahead then
+# re-runs block L); a logit softcap, where the config sets one, is applied by :func:`logit_head`; the LM
+# head is tied to the embeddings, and only down_proj is ever written.
+for _model_type in ("gemma3_text",):
+    register_layout(_model_type, ModelLayout("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.norm", "lm_head"))
 
 _KEYS = tuple(f.name for f in fields(ModelLayout))
 
@@ -102,6 +111,28 @@ def get_layout(model: nn.Module, override: dict[str, Any] | ModelLayout | None =
         )
     _validate(model, layout)
     return layout
+
+
+class LogitHead(nn.Module):
+    """The LM head as the model's own forward applies it to the final (normed) hidden states: ``lm_head`` and, where
+    the config sets ``final_logit_softcapping`` (Gemma 2; a field of Gemma 3's config), ``cap · tanh(logits / cap)``. The truncated forwards read
+    logits through this, so that they equal the full forward's for every family (tests/test_truncated.py)."""
+
+    def __init__(self, head: nn.Module, softcap: float | None):
+        super().__init__()
+        self.head, self.softcap = head, softcap
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        logits = self.head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_head(model: nn.Module, layout: ModelLayout) -> LogitHead:
+    """:class:`LogitHead` of ``model``."""
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return LogitHead(_module(model, "lm_head", layout.lm_head), softcap)
 
 
 def _module(model: nn.Module, key: str, path: str) -> nn.Module:

@@ -5,36 +5,36 @@ from pathlib import Path
 
 import torch
 
-from lit_edit.data import is_world_spec, looks_like_local_path
-
-
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """``from_pretrained`` for a hub id or local path; ``world[:preset]`` is the built-in fact world.
+    """The model, its tokenizer and the folder (or hub id) they were read from, for ``model.model``: the built-in
+    fact world, a packaged real model (``smollm2-135m-instruct``, ``gemma3-270m``), a ``.gguf`` file (dequantised
+    once, cached), a local folder or a hub id (:func:`lit_edit.sources.resolve`).
 
-    A name that :func:`~lit_edit.data.looks_like_local_path` must exist, as a directory: otherwise a
-    ``FileNotFoundError`` names it, where transformers would answer "Repo id must be in the form ...".
     ``trust_remote_code`` goes to both ``from_pretrained`` calls explicitly, so a model with custom code is
-    refused (unless it is ``True``), never met with an interactive "run the custom code? [y/N]" prompt.
+    refused (unless it is ``True``), never met with an interactive "run the custom code? [y/N]" prompt. A hub id
+    that cannot be fetched is an error naming ``model.model`` and the id, not transformers' bare OSError.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = name_or_path
-    if is_world_spec(name_or_path):  # the one test for "the built-in world": a dir named world_models/... is not it
-        from lit_edit.world import ensure_world, resolve_world_name
+    from transformers.utils import logging as hf_logging
 
-        path = str(ensure_world(resolve_world_name(name_or_path)) / "model")
-    elif looks_like_local_path(name_or_path):
-        local = Path(name_or_path).expanduser()  # transformers does not expand "~"
-        if not local.exists():
-            raise FileNotFoundError(f"model directory {name_or_path} does not exist (model.model)")
-        if not local.is_dir():
-            raise NotADirectoryError(f"model path {name_or_path} is not a directory (model.model)")
-        path = str(local)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from lit_edit.progress import is_interactive
+    from lit_edit.sources import hub_error, resolve
+
+    if not is_interactive():  # in a log, transformers' loading bars are '\r'-joined noise; lit_edit's phase lines say it
+        hf_logging.disable_progress_bar()
+    path = resolve(name_or_path, dtype, trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if path != name_or_path or Path(path).exists():  # a local folder: transformers names the missing file
+            raise
+        raise hub_error(name_or_path, err) from err
     tok.padding_side = "right"  # all position arithmetic assumes right padding (§1.5)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model, tok, path
 
 

@@ -29,6 +29,7 @@ from lit_edit.data.lengths import fitting_requests
 from lit_edit.evaluation import LiveEdits, Scores
 from lit_edit.models import generate_context_templates, load_model
 from lit_edit.monitor import Monitor
+from lit_edit.progress import phase
 from lit_edit.requests import EditRequest
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, c0_files
@@ -152,14 +153,18 @@ class EditModule(L.LightningModule):
         if self.llm is not None:
             return
         self.setup_seconds = {}  # the set-up's phases (time/* at step 0)
+        # each phase named in a log as it starts and ends (lit_edit.progress); "load" times the first two
         with timed(self.setup_seconds, "load"):  # with the context templates and the stream's length check
-            self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name, self.trust_remote_code)
+            with phase(f"load {self.model_name}"):
+                self.llm, self.tok, self.model_path = load_model(self.model_name, self.dtype_name,
+                                                                 self.trust_remote_code)
             self.llm.requires_grad_(False).eval()
             self.layout = get_layout(self.llm, self.layout_override)
             n_layers = self.layout.n_layers(self.llm)
             if self.layers[-1] >= n_layers or self.layers[0] < 0:
                 raise ValueError(f"layers {self.layers} out of range for a model with {n_layers} blocks")
-            self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
+            with phase("context templates"):
+                self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
             for cb in self.trainer.callbacks if self._trainer is not None else []:
                 if isinstance(cb, Monitor):  # the unedited matrices, before a checkpoint's are restored
                     cb.capture_unedited(self)
@@ -167,13 +172,13 @@ class EditModule(L.LightningModule):
             self.method.bind(self.env)
             self.connect(fitting_requests(self.method, self.requests, self._on_invalid, self._drop), self._on_invalid,
                          self._drop, self.data_settings)
-        with timed(self.setup_seconds, "c0"):  # computed, or read from its disk cache
+        with timed(self.setup_seconds, "c0", "C0 statistics"):  # computed, or read from its disk cache
             C0 = c0_files(self.llm, self.tok, self.layout, self.layers, self.stats_cfg, self.model_path)
-        with timed(self.setup_seconds, "solver_setup"):  # the solver re-reads C0 from its cache files, not keeping A_0
+        with timed(self.setup_seconds, "solver_setup", "solver set-up"):  # re-reads C0 from its cache files, no A_0
             self.solver.setup(C0.load_all(), source=C0)
         if self.eval_pre and self.requests and not (self._trainer is not None and (self.trainer.ckpt_path or
                                                                                  self.trainer.testing)):
-            with timed(self.setup_seconds, "pre_eval"):
+            with timed(self.setup_seconds, "pre_eval", "pre-edit scores"):
                 self.scores.pre = self.scores.records(self.env, [r for r in self.requests if r.writes],
                                                       "pre-edit scores")
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 from safetensors.torch import save_file
 
 from lit_edit import checks
 from lit_edit.hooks import capture_inputs, stop_after
 from lit_edit import distributed as dist
 from lit_edit.layouts import edited_module, weight_shape
+from lit_edit.progress import track
 from lit_edit.solver_state import C0Files
 from lit_edit.tokens import context_length, pad_batch, pad_id
 
@@ -38,7 +38,8 @@ DEFAULT_DATASET = "world"  # the corpus of a model that is not the fact world, w
 
 @dataclass
 class StatsConfig:
-    # "world[:preset]" (the fact world's own text), a local .txt/.json(l) file, or a hub id; None: see for_model
+    # "world[:preset]" (the fact world's own text), "self" (texts sampled from the edited model itself, for a model
+    # whose corpus cannot be had; see sample_texts), a local .txt/.json(l) file, or a hub id; None: see for_model
     dataset: str | None = None
     config_name: str | None = None  # hub config, e.g. "20231101.en" for "wikimedia/wikipedia"
     split: str = "train"
@@ -47,7 +48,8 @@ class StatsConfig:
     max_length: int = 1024  # per-text token cap (also capped by the model's context)
     batch_tokens: int = 8192  # tokens per forward pass
     dtype: str = "float32"  # dtype of the cached statistic (accumulation is always float64)
-    shuffle_seed: int | None = 1  # hub corpora: a fixed pseudo-random subset (reference: seed 1)
+    shuffle_seed: int | None = 1  # hub corpora: a fixed pseudo-random subset (reference: seed 1); "self": the sampling seed
+    sample_length: int = 128  # "self": tokens sampled per text (the texts end earlier where the model ends them)
     # published statistics in the ROME/MEMIT/AlphaEdit layer_stats .npz format instead of a corpus: a directory
     # (searched for "<edited module>_*.npz" of every edited layer), or a file path with {} for the layer index
     npz: str | None = None
@@ -57,6 +59,7 @@ class StatsConfig:
         checks.corpus("model.stats", self.dataset, self.config_name, self.split, self.text_field, self.n_samples)
         checks.integer(n("max_length"), self.max_length, ge=1)
         checks.integer(n("batch_tokens"), self.batch_tokens, ge=1)
+        checks.integer(n("sample_length"), self.sample_length, ge=1)
         checks.choice(n("dtype"), self.dtype, STAT_DTYPES)
         if self.shuffle_seed is not None:  # null: the corpus order (numpy seeds are >= 0)
             checks.integer(n("shuffle_seed"), self.shuffle_seed, ge=0)
@@ -75,7 +78,9 @@ class StatsConfig:
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("LIT_EDIT_CACHE") or Path.home() / ".cache" / "lit_edit")
+    from lit_edit.world.cache import cache_root as root
+
+    return root(cache_dir)
 
 
 def iter_texts(cfg: StatsConfig) -> Iterator[str]:
@@ -90,6 +95,52 @@ def iter_texts(cfg: StatsConfig) -> Iterator[str]:
         src = str(ensure_world(resolve_world_name(src)) / "corpus.txt")
     yield from corpus_texts(src, cfg.text_field, cfg.n_samples, config_name=cfg.config_name, split=cfg.split,
                             shuffle_seed=cfg.shuffle_seed, settings="model.stats")
+
+
+SELF = "self"  # model.stats.dataset: texts sampled from the edited (unedited) model itself
+SAMPLE_BATCH = 16  # texts generated per call of generate()
+
+
+@torch.no_grad()
+def sample_texts(model, tok, n: int, length: int, seed: int | None) -> list[str]:
+    """``n`` texts sampled from ``model`` itself: plain ancestral sampling (temperature 1, no top-k / top-p cut, so
+    the texts follow the model's own distribution, whose keys C0 is meant to describe), ``length`` new tokens each
+    from the tokenizer's start of text (its BOS, else its EOS as a separator), ``SAMPLE_BATCH`` at a time. Seeded
+    (torch's generator forked, so the caller's random state is untouched); the same seed, model and batch size give
+    the same texts on the same kind of device."""
+    dev = next(model.parameters()).device
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise ValueError("model.stats.dataset 'self': the tokenizer has neither a BOS nor an EOS token to start from")
+    out: list[str] = []
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(0 if seed is None else seed)
+        for i in track(range(0, n, SAMPLE_BATCH), total=-(-n // SAMPLE_BATCH), unit="batch",
+                       desc=f"sampling {n} C0 texts from the model", disable=dist.rank() != 0):
+            b = min(SAMPLE_BATCH, n - i)
+            ids = torch.full((b, 1), start, dtype=torch.long, device=dev)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=length, pad_token_id=tok.pad_token_id or start)
+            out += [t.strip() for t in tok.batch_decode(gen[:, 1:], skip_special_tokens=True)]
+    return out
+
+
+def self_texts(model, tok, cfg: StatsConfig, folder: Path) -> list[str]:
+    """The ``self`` corpus: ``texts.jsonl`` beside the statistics (kept, so the texts can be read and reused as a
+    local corpus), sampled on rank 0 the first time (:func:`sample_texts`) and handed to every rank."""
+    path = folder / "texts.jsonl"
+    texts = None
+    if dist.rank() == 0:
+        if path.is_file():
+            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        else:
+            texts = sample_texts(model, tok, cfg.n_samples, cfg.sample_length, cfg.shuffle_seed)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+            tmp.replace(path)
+    texts = dist.broadcast_object(texts)
+    return [t for t in texts if t]
 
 
 def compute_second_moments(model, tok, layout, layers: list[int], texts, max_length: int, batch_tokens: int):
@@ -202,17 +253,20 @@ def c0_files(model, tok, layout, layers: list[int], cfg: StatsConfig, model_id: 
         return files
     if cfg.dataset is None:
         raise ValueError("model.stats.dataset is unresolved: pass StatsConfig.for_model(<model.model>)")
-    # npz is unset here (computed statistics): left out so that caches written before the option existed still match
+    # npz is unset here (computed statistics), and sample_length matters only for "self": left out otherwise, so that
+    # caches written before the options existed still match
+    unused = {"npz"} | ({"sample_length"} if cfg.dataset != SELF else set())
     ident = {"model": model_id, "weights": weights_fingerprint(model),
-             **{k: v for k, v in asdict(cfg).items() if k != "npz"}}
+             **{k: v for k, v in asdict(cfg).items() if k not in unused}}
     key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)[-80:]
     folder = cache_root(cache_dir) / "stats" / safe / f"{Path(cfg.dataset).name}_{cfg.n_samples}_{cfg.dtype}_{key}"
     path = {l: folder / f"{edited_module(model, layout, l).__class__.__name__}_layer{l}_mom2.safetensors" for l in layers}
     missing = dist.broadcast_object([l for l in layers if not path[l].exists()])  # rank 0 decides for all
     if missing:
-        texts = tqdm(iter_texts(cfg), total=cfg.n_samples, desc=f"C0 statistics, layers {missing}", unit="text",
-                     disable=dist.rank() != 0, mininterval=2.0)  # the long phase of a real model's set-up
+        source = self_texts(model, tok, cfg, folder) if cfg.dataset == SELF else iter_texts(cfg)
+        texts = track(source, total=cfg.n_samples, desc=f"C0 statistics, layers {missing}", unit="text",
+                      disable=dist.rank() != 0, mininterval=2.0)  # the long phase of a real model's set-up
         C, n = compute_second_moments(model, tok, layout, missing, texts, cfg.max_length, cfg.batch_tokens)
         if dist.rank() == 0:  # computed in shards by every rank, cached once
             folder.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+
+from lit_edit.progress import phase
 
 
 @contextmanager
-def timed(into: dict, key: str):
-    """``into[key]`` = the wall time of the ``with`` body, in seconds (not set when the body raises)."""
+def timed(into: dict, key: str, announce: str | None = None):
+    """``into[key]`` = the wall time of the ``with`` body, in seconds (not set when the body raises); ``announce``:
+    also name the phase in a log (:func:`lit_edit.progress.phase`)."""
     start = time.perf_counter()
-    yield
+    with phase(announce) if announce else nullcontext():
+        yield
     into[key] = time.perf_counter() - start

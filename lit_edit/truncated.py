@@ -23,6 +23,7 @@ what the per-request baseline of ``benchmarks/edit_throughput.py`` runs.
 from __future__ import annotations
 
 import contextvars
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Callable
 
@@ -31,7 +32,8 @@ import torch
 from torch import nn
 
 from lit_edit.hooks import add_to_output, capture_outputs, rewrite_output, stop_after
-from lit_edit.layouts import block_hidden, block_module, edited_module, replace_block_hidden, weight_shape
+from lit_edit.layouts import (block_hidden, block_module, edited_module, logit_head, replace_block_hidden,
+                              weight_shape)
 
 _REFERENCE = contextvars.ContextVar("lit_edit_reference_forward", default=False)
 
@@ -195,8 +197,17 @@ class RowForward:
         cols = torch.arange(mask.shape[1])
         self.right = bool((mask.cpu().bool() == (cols[None, :] < self.lengths[:, None])).all())
         self.reference = _REFERENCE.get()
+        # a sliding window (Gemma 3's local layers, Mistral) shorter than the rows: on a tiny Gemma 3 with a window of 4,
+        # v* with per-request early stop then differed from the plain forward's by 0.17 (running the rows whole, at one
+        # width, did not remove it; the cause is not found). Gemma-3-270M's window is 512 tokens, longer than any
+        # CounterFact / ZsRE row with its context templates; a longer row is warned about.
+        window = getattr(getattr(model, "config", None), "sliding_window", None)
+        if isinstance(window, int) and window < int(self.lengths.max()) and not self.reference:
+            warnings.warn(f"rows of {int(self.lengths.max())} tokens exceed the model's sliding window ({window}): the "
+                          f"truncated inner-loop forward is not checked equal to the full forward there "
+                          f"(docs/algorithms.md §2.10)", stacklevel=2)
         self.blocks = [block_module(model, layout, i) for i in range(start)]
-        self.head = model.get_submodule(layout.lm_head)
+        self.head = logit_head(model, layout)  # lm_head (+ the softcap of Gemma 2)
         self.kept: torch.Tensor | None = None  # [B, T, d]: block start − 1's output of every row computed so far
         self.has = torch.zeros(len(ids), dtype=torch.bool)
         self.template = None  # a block's output structure when it is not a bare tensor (older transformers)

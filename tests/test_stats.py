@@ -1,5 +1,6 @@
 """C0 = E[k kᵀ] (docs/algorithms.md §3): value, streaming/truncation, the disk cache's key, and published statistics
 read from the reference code's .npz files."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,33 @@ def test_published_npz_stats_errors(setup, tmp_path):
     np.savez(tmp_path / "other_1.npz", mean=np.zeros(3))
     with pytest.raises(ValueError, match="mom2.count"):
         S.layer_stats(model, tok, layout, [1], S.StatsConfig(npz=str(tmp_path / "other_{}.npz")), "tiny")
+
+
+def test_self_corpus_is_seeded_kept_beside_the_statistics_and_sampled_once(setup, tmp_path, monkeypatch):
+    """``model.stats.dataset: self``: texts sampled from the model itself, the same for the same seed and others for
+    another, without touching the caller's random state; written to texts.jsonl beside the statistics and read from
+    there (not sampled again) when the statistics are computed again; C0 is the second moment over exactly those
+    texts."""
+    tok, model, layout = setup
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = S.sample_texts(model, tok, n=5, length=8, seed=1)
+    assert torch.equal(torch.get_rng_state(), before)  # forked: the caller's stream is untouched
+    assert a == S.sample_texts(model, tok, n=5, length=8, seed=1) and a != S.sample_texts(model, tok, 5, 8, seed=2)
+    assert len(a) == 5 and all(isinstance(t, str) for t in a)
+
+    cfg = S.StatsConfig(dataset="self", n_samples=6, sample_length=8, max_length=16, batch_tokens=64, dtype="float64")
+    files = S.c0_files(model, tok, layout, [2], cfg, "tiny", cache_dir=str(tmp_path))
+    [kept] = list(tmp_path.rglob("texts.jsonl"))
+    assert kept.parent == files.paths[2].parent  # beside the statistics
+    texts = [json.loads(line)["text"] for line in kept.read_text().splitlines()]
+    assert texts == S.sample_texts(model, tok, n=6, length=8, seed=cfg.shuffle_seed)
+    ref, _ = explicit_second_moment(model, tok, layout, 2, [t for t in texts if t], 16)
+    torch.testing.assert_close(files.load_all()[2], ref, rtol=1e-10, atol=1e-12)
+
+    files.paths[2].unlink()  # the statistic again, from the kept texts: no sampling
+    monkeypatch.setattr(S, "sample_texts", lambda *a, **k: pytest.fail("sampled again"))
+    again = S.c0_files(model, tok, layout, [2], cfg, "tiny", cache_dir=str(tmp_path))
+    torch.testing.assert_close(again.load_all()[2], ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="model.stats.sample_length"):
+        S.StatsConfig(dataset="self", sample_length=0)
