@@ -147,6 +147,11 @@ class EditCLI(LightningCLI):
 def main(args: list[str] | None = None) -> LightningCLI:
     if args is None and len(sys.argv) == 1:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "trace":  # causal tracing (lit_edit/trace.py): its own parser, not a Lightning loop
+        from lit_edit.trace import main as trace_main
+
+        return trace_main(argv[1:])
     return EditCLI(EditModule, EditDataModule, save_config_kwargs={"overwrite": True},
                    seed_everything_default=0, args=args,
                    parser_kwargs={"allow_abbrev": False, "fit": {"allow_abbrev": False},
