@@ -1,4 +1,5 @@
-"""What a run shows in TensorBoard besides scalars: sample generations, histograms and the retention heat map.
+"""What a run shows in TensorBoard besides scalars: sample generations, histograms, the figures
+(:mod:`lit_edit.figures`: the retention heat map, drift, the summary page) and the hparams table.
 
 Everything here is logged against the run's one step axis, the number of applied batches (0 = the unedited
 model), the axis of the ledger (``edits.jsonl``'s ``step``). Only rank 0 writes; a logger without the
@@ -6,14 +7,15 @@ TensorBoard ``SummaryWriter`` methods (e.g. CSV) gets the scalars only.
 """
 from __future__ import annotations
 
+import json
+import time
+import warnings
+
 import torch
 import transformers
 
+from lit_edit import figures
 from lit_edit.tokens import bos_ids, encode
-
-# a perceptually ordered ramp (dark blue -> green -> yellow) for the heat map: low retention is dark
-_RAMP = torch.tensor([[0.27, 0.00, 0.33], [0.23, 0.32, 0.55], [0.13, 0.57, 0.55], [0.37, 0.79, 0.38],
-                      [0.99, 0.91, 0.14]])
 
 
 def writer(trainer, m):
@@ -61,22 +63,6 @@ def samples_markdown(requests: list, pre: list[str], now: list[str]) -> str:
     return "\n".join(lines)
 
 
-def heatmap_image(values: list[list[float | None]], cell: int = 8) -> torch.Tensor:
-    """[3, H, W] image of a matrix in [0, 1] (rows: evaluation steps, columns: edit steps); None (an edit step not
-    yet made, or all of its edits removed) is white."""
-    rows, cols = len(values), max((len(r) for r in values), default=0)
-    img = torch.ones(3, max(rows, 1) * cell, max(cols, 1) * cell)
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            if v is None:
-                continue
-            x = min(max(float(v), 0.0), 1.0) * (len(_RAMP) - 1)
-            lo = min(int(x), len(_RAMP) - 2)
-            color = _RAMP[lo] + (x - lo) * (_RAMP[lo + 1] - _RAMP[lo])
-            img[:, i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = color[:, None, None]
-    return img
-
-
 def retention_row(per_record: dict, edit_step: dict, n_steps: int, key: str) -> list[float | None]:
     """Mean ``key`` of the live edits of each edit step 1..n_steps (None where a step has none)."""
     sums, counts = [0.0] * n_steps, [0] * n_steps
@@ -86,3 +72,68 @@ def retention_row(per_record: dict, edit_step: dict, n_steps: int, key: str) -> 
             sums[s - 1] += scores[key]
             counts[s - 1] += 1
     return [sums[i] / counts[i] if counts[i] else None for i in range(n_steps)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures and the hparams table
+# ------------------------------------------------------------------------------------------------
+
+
+def run_of(m) -> dict:
+    """What produced the run, as metrics.json's ``run`` names it (the figures' titles)."""
+    return {"model": m.model_name, "method": m.hparams["method"], "solver": m.hparams["solver"], "layers": m.layers}
+
+
+def title(m) -> str:
+    """``model · method · solver (layers ...)``, every figure's title."""
+    return figures.run_title(run_of(m))
+
+
+def draw(what: str, make, writer=None, tag: str | None = None, step: int = 0, path=None) -> float:
+    """Draw a figure (``make()``) and log it to ``writer`` under ``tag`` and/or save it as a PNG at ``path``.
+    A figure is a view of numbers already written: a drawing failure warns and the run goes on. The seconds it
+    took are returned."""
+    started = time.perf_counter()
+    if writer is None and path is None:
+        return 0.0
+    try:
+        fig = make()
+        if path is not None:
+            figures.save_png(fig, path)
+        if writer is not None and tag is not None:
+            figures.log_figure(writer, tag, fig, step)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"lit_edit: could not draw {what}: {type(err).__name__}: {err}", stacklevel=2)
+    return time.perf_counter() - started
+
+
+def _hparam_value(v):
+    """A value TensorBoard's hparams table takes (bool, int, float, str): lists, dicts and None as JSON."""
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    return json.dumps(v, default=str)
+
+
+def hparams_table(m) -> dict:
+    """The HPARAMS tab's columns: the run's settings as the YAML config names them (``model.layers``,
+    ``model.solver.init_args.L2``, ``data.batch_size``, ...: :meth:`EditModule.run_settings`) and
+    ``model.eval_every_n_steps``; no internal keys (Lightning's ``_instantiator``)."""
+    settings = dict(m.run_settings())
+    settings["model.eval_every_n_steps"] = m.eval_every_n_steps
+    return {k: _hparam_value(v) for k, v in sorted(settings.items()) if not k.rsplit(".", 1)[-1].startswith("_")}
+
+
+def log_hparams(logger, params: dict, metrics: dict, step: int) -> None:
+    """The hparams table with the final metrics. To TensorBoard straight through the logger's writer, so the
+    logger's own ``hparams.yaml`` (the module's settings, written by Lightning) keeps its content; another
+    logger gets ``log_hyperparams``."""
+    exp = getattr(logger, "experiment", None)
+    if hasattr(exp, "_get_file_writer") and hasattr(exp, "add_scalar"):
+        from torch.utils.tensorboard.summary import hparams
+
+        logger.log_metrics(metrics, step=step)
+        writer = exp._get_file_writer()
+        for summary in hparams(params, metrics):
+            writer.add_summary(summary, step)
+    else:
+        logger.log_hyperparams(params, metrics=metrics)

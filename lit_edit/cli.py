@@ -9,6 +9,7 @@ import yaml
 from jsonargparse import get_loader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_edit.callbacks import RunConfig
 from lit_edit.data import EditDataModule
 from lit_edit.module import EditModule
 from lit_edit.runs import checkpoint_run_dir
@@ -152,7 +153,8 @@ def main(args: list[str] | None = None) -> LightningCLI:
         from lit_edit.trace import main as trace_main
 
         return trace_main(argv[1:])
-    return EditCLI(EditModule, EditDataModule, save_config_kwargs={"overwrite": True},
+    # config.yaml is written once the run's checks have passed and its directory is claimed (RunConfig)
+    return EditCLI(EditModule, EditDataModule, save_config_callback=RunConfig,
                    seed_everything_default=0, args=args,
                    parser_kwargs={"allow_abbrev": False, "fit": {"allow_abbrev": False},
                                   "test": {"allow_abbrev": False}})

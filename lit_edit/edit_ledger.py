@@ -14,7 +14,8 @@ once per step and read only when an edit is removed or replaced.
 In memory: the (line, column) of every live entry by fact id (for ``knows`` and the ledger order; tens of bytes per
 edit, no tensors), the number of lines and a chained SHA-256 over them. A checkpoint stores those two (:meth:`state`);
 restoring one (a resume, or a rolled-back step) truncates the index to its lines and deletes later shards, and refuses
-a ledger that is shorter, altered, or has a missing or resized shard, naming the file. Every tensor read back is
+a ledger that is shorter, altered, or has a missing or resized shard, naming the file, before it changes anything;
+:meth:`EditLedger.check` makes the same checks and changes nothing (a fit checks every rank's copy before any is cut). Every tensor read back is
 checked against the hash recorded when it was written.
 """
 from __future__ import annotations
@@ -65,13 +66,27 @@ class EditLedger:
             self.dir.mkdir(parents=True, exist_ok=True)
         expect, self._expect = self._expect, None
         if expect is None:
-            found = sorted(p.name for p in self.dir.iterdir())
-            if found:
-                raise runs.RunDirError(f"the solver ledger directory {self.dir} already holds {', '.join(found[:3])}"
-                                       f"{' ...' if len(found) > 3 else ''}: a new run needs an empty one (resume an "
-                                       f"earlier run with its checkpoint)")
+            _check_empty(self.dir)
             return
         self.restore(expect)
+
+    def check(self, directory: str | Path | None) -> set[str]:
+        """What :meth:`attach` would find in ``directory``, read only: the fact ids with a live edit in the ledger of
+        the restored state (a resume), or nothing for a new run, whose directory must hold no ledger. Raises as
+        :meth:`attach` would (naming the file) and writes nothing, so a fit checks every rank's ledger before it
+        cuts any back."""
+        if self._expect is None:
+            if directory is not None and Path(directory).is_dir():
+                _check_empty(Path(directory))
+            return set()
+        if directory is None:  # attach(None) would find an empty temporary directory
+            if int(self._expect["lines"]):
+                raise runs.CheckpointError(f"the solver state refers to a ledger of {self._expect['lines']} step(s) "
+                                           f"in {self._expect.get('dir')}, and this run has no run directory to find "
+                                           f"it in")
+            return set()
+        live, _ = _verified(Path(directory), self._expect)
+        return set(live)
 
     def _use_temporary(self) -> None:
         self._drop_temporary()
@@ -144,7 +159,7 @@ class EditLedger:
 
     def _advance(self, line: bytes) -> None:
         self.lines += 1
-        self.digest = hashlib.sha256(self.digest.encode() + line).hexdigest()
+        self.digest = _chain(self.digest, line)
 
     # -- reads (removals) -------------------------------------------------------------------------
     def scan(self, layer: int, gone: set[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -205,42 +220,73 @@ class EditLedger:
         n, want = int(state["lines"]), state["digest"]
         if n == self.lines and want == self.digest and not self._staged and not self._removed:
             return  # nothing written since (a step rolled back before its append)
-        index = runs.Ledger(self.dir, INDEX)
-        lines = index.complete_lines()
-        if len(lines) < n:
-            raise runs.CheckpointError(f"the solver ledger {index.path} holds {len(lines)} step(s), but the checkpoint "
-                                       f"was taken after {n}: the ledger was truncated or replaced")
-        self.lines, self.digest, self.live = 0, "", {}
-        for line in lines[:n]:
-            self._advance(line)
-        if self.digest != want:
-            raise runs.CheckpointError(f"the solver ledger {index.path} is not the one the checkpoint was taken with "
-                                       f"(its first {n} lines do not match the recorded checksum)")
-        for i, line in enumerate(lines[:n]):
-            entry = json.loads(line)
-            for f in entry["remove"]:
-                self.live.pop(f, None)
-            for j, f in enumerate(entry["add"]):
-                self.live.setdefault(f, []).append((i, j))
-            if entry["file"] is not None:
-                path = self.dir / entry["file"]
-                size = path.stat().st_size if path.is_file() else None
-                if size != entry["bytes"]:
-                    raise runs.CheckpointError(
-                        f"the solver ledger shard {path} is {'missing' if size is None else f'{size} bytes'}, "
-                        f"{entry['bytes']} were written: the ledger was truncated or replaced")
-        index.truncate(n)
+        self.live, self.digest = _verified(self.dir, state)  # every check before the first change
+        self.lines = n
+        self._cut(n)
+        self._staged, self._removed = {}, []
+
+    def _cut(self, n: int) -> None:
+        """Drop what was written after the first ``n`` index lines. The index is cut first (one atomic rename),
+        then later shards are deleted: a kill in between leaves shards no index line names, deleted by the next
+        restore, so the ledger still resumes."""
+        runs.Ledger(self.dir, INDEX).truncate(n)
         for shard in self.dir.glob("*.safetensors"):  # of steps after the checkpoint, or of an unfinished append
             if not shard.stem.isdigit() or int(shard.stem) >= n:
                 shard.unlink()
         for stale in self.dir.glob(".*.tmp-*"):  # a shard write a killed process never finished
             stale.unlink(missing_ok=True)
-        self._staged, self._removed = {}, []
 
     def close(self) -> None:
         """Forget the directory (a temporary one is deleted)."""
         self._drop_temporary()
         self.dir = None
+
+
+def _chain(digest: str, line: bytes) -> str:
+    """The ledger's chained SHA-256 after one more index line."""
+    return hashlib.sha256(digest.encode() + line).hexdigest()
+
+
+def _check_empty(directory: Path) -> None:
+    """A new run's ledger directory must hold nothing (an earlier run's ledger is resumed with its checkpoint)."""
+    found = sorted(p.name for p in directory.iterdir())
+    if found:
+        raise runs.RunDirError(f"the solver ledger directory {directory} already holds {', '.join(found[:3])}"
+                               f"{' ...' if len(found) > 3 else ''}: a new run needs an empty one (resume an "
+                               f"earlier run with its checkpoint)")
+
+
+def _verified(directory: Path, state: dict) -> tuple[dict[str, list[tuple[int, int]]], str]:
+    """The live entries (fact id -> (line, column)) and the chained checksum of the first ``state["lines"]`` index
+    lines of the ledger in ``directory``, read only. Refuses (CheckpointError naming the file) an index with fewer
+    lines or other lines than the state's, or a missing or resized shard."""
+    n, want = int(state["lines"]), state["digest"]
+    index = runs.Ledger(directory, INDEX)
+    lines = index.complete_lines()
+    if len(lines) < n:
+        raise runs.CheckpointError(f"the solver ledger {index.path} holds {len(lines)} step(s), but the checkpoint "
+                                   f"was taken after {n}: the ledger was truncated or replaced")
+    digest = ""
+    for line in lines[:n]:
+        digest = _chain(digest, line)
+    if digest != want:
+        raise runs.CheckpointError(f"the solver ledger {index.path} is not the one the checkpoint was taken with "
+                                   f"(its first {n} lines do not match the recorded checksum)")
+    live: dict[str, list[tuple[int, int]]] = {}
+    for i, line in enumerate(lines[:n]):
+        entry = json.loads(line)
+        for f in entry["remove"]:
+            live.pop(f, None)
+        for j, f in enumerate(entry["add"]):
+            live.setdefault(f, []).append((i, j))
+        if entry["file"] is not None:
+            path = directory / entry["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != entry["bytes"]:
+                raise runs.CheckpointError(
+                    f"the solver ledger shard {path} is {'missing' if size is None else f'{size} bytes'}, "
+                    f"{entry['bytes']} were written: the ledger was truncated or replaced")
+    return live, digest
 
 
 def directory_bytes(path: str | Path | None) -> int:

@@ -177,7 +177,7 @@ def plan_operations(solver, requests: list[EditRequest]) -> tuple[list[EditReque
         known = solver.knows(fid)
         if r.op in ("replace", "remove") and not known:
             raise EditRequestError(r.case_id, "op", f"{r.op} of fact {fid!r}, which has no applied edit in the "
-                                   f"solver's ledger")
+                                   f"solver's ledger: no earlier step, nor the checkpoint resumed, inserted it")
         if r.op == "insert" and known:
             if solver.on_conflict == "error":
                 raise EditRequestError(r.case_id, "op", f"fact {fid!r} is already edited; use op 'replace' "
@@ -189,6 +189,40 @@ def plan_operations(solver, requests: list[EditRequest]) -> tuple[list[EditReque
         if r.writes:
             writes.append(r)
     return writes, drops
+
+
+class _LedgerView:
+    """What :func:`plan_operations` asks of a solver, over a set of fact ids instead of its ledger."""
+
+    def __init__(self, live: set[str], on_conflict: str) -> None:
+        self.live, self.on_conflict = live, on_conflict
+
+    def knows(self, fact_id: str) -> bool:
+        return fact_id in self.live
+
+
+def check_operations(solver, batches: list[list[EditRequest]], live: set[str], first_step: int = 1,
+                     persistent: bool = True) -> None:
+    """Plan every batch's operations before the first edit, as :func:`apply_batch` will at each step: a
+    ``remove`` / ``replace`` of a fact that neither ``live`` (the facts the checkpoint's solver ledger holds) nor an
+    earlier batch inserted, an insert that ``on_conflict: error`` refuses, or one fact twice in a batch raises
+    :class:`EditRequestError` naming the record and its step. ``persistent`` false (the independent protocol, which
+    undoes each batch): no batch's edits are known to the next one."""
+    view = _LedgerView(set(live), solver.on_conflict)
+    for step, batch in enumerate(batches, start=first_step):
+        for r in batch:
+            if r.op in ("replace", "remove") and not solver.keeps_ledger:
+                raise EditRequestError(r.case_id, "op", f"{r.op} at step {step}: {type(solver).__name__} keeps no "
+                                       f"ledger of applied edits and cannot remove or replace them; use an aligned "
+                                       f"solver (mode: aligned, keep_ledger: true)")
+        try:
+            writes, drops = plan_operations(view, batch)
+        except EditRequestError as err:
+            raise EditRequestError(err.case_id, err.field, f"{err.message} (step {step}; checked before the first "
+                                   f"edit)") from None
+        if persistent:
+            view.live.difference_update(drops)
+            view.live.update(r.fact_id for r in writes)
 
 
 def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: torch.Tensor, cols) -> StepStats:

@@ -21,7 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lit_edit import checks, runs
 from lit_edit import distributed as dist
-from lit_edit.callbacks import RunRecord, progress_bar
+from lit_edit.callbacks import RunRecord, defer_logger_files, progress_bar
 from lit_edit.editing import ClosedFormEdit, StepStats
 from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.methods import Columns, Env, TargetMethod, VStar
@@ -84,7 +84,10 @@ class EditModule(L.LightningModule):
         context_templates: [[length, count], ...] of generated context prefixes (§1.4); [] = bare prompts only.
         eval_every_n_steps: evaluate all requests edited so far every N steps (retention curve); 0 = never.
         eval_pre: evaluate the unedited model on the whole stream once (the ``pre.`` metrics).
-        export_dir: if set, ``save_pretrained`` the edited model (safetensors) at the end of fit.
+        export_dir: if set, ``save_pretrained`` the edited model (safetensors) at the end of fit, written whole (a
+            temporary folder renamed over it). Checked before the first edit: it must be writable, and empty or this
+            run's own earlier export (a resume's), unless ``export_replace``.
+        export_replace: let the export replace a non-empty ``export_dir`` that holds something else.
         protocol: how the final metrics are taken (docs/metrics.md, "Protocols"): ``"sequential"`` (every live edit
             scored on the final model: AlphaEdit's, MEMIT's and OTE–SE's protocol), ``"immediate"`` (each batch scored
             right after its own write, edits kept) or ``"independent"`` (each batch written, scored, then the edited
@@ -95,8 +98,9 @@ class EditModule(L.LightningModule):
             both ``from_pretrained`` calls); off by default, so such a model is refused rather than run.
         allow_changed: settings (or prefixes, e.g. ``model.method``) that may differ from the checkpoint's on
             resume. A resume compares every setting that changes the result (:meth:`run_settings`) and stops before
-            any edit on a difference not listed here. Always free to change: export_dir, eval_every_n_steps,
-            eval_pre, sync_check_every_n_steps, trust_remote_code, allow_changed and the trainer's options.
+            any edit on a difference not listed here. Always free to change: export_dir, export_replace,
+            eval_every_n_steps, eval_pre, sync_check_every_n_steps, trust_remote_code, allow_changed and the trainer's
+            options.
     """
 
     def __init__(self, model: str = "world", layers: list[int] = [1, 2], solver: Solver | None = None,
@@ -104,7 +108,7 @@ class EditModule(L.LightningModule):
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
                  export_dir: str | None = None, sync_check_every_n_steps: int = 1, protocol: str = "sequential",
-                 trust_remote_code: bool = False, allow_changed: list[str] = []) -> None:
+                 trust_remote_code: bool = False, allow_changed: list[str] = [], export_replace: bool = False) -> None:
         super().__init__()
         # hparams.yaml / TensorBoard: the run's settings as plain values (components are added below as dicts);
         # a resume compares run_settings(), stored in the checkpoint, not these
@@ -127,6 +131,7 @@ class EditModule(L.LightningModule):
         self.eval_every_n_steps, self.eval_pre, self.export_dir = eval_every_n_steps, eval_pre, export_dir
         self.sync_check_every_n_steps, self.protocol = sync_check_every_n_steps, protocol
         self.trust_remote_code, self.allow_changed = trust_remote_code, list(allow_changed)
+        self.export_replace = checks.boolean("model.export_replace", export_replace)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None
@@ -193,6 +198,7 @@ class EditModule(L.LightningModule):
         return None  # the LLM is frozen; the inner optimisations own their optimisers
 
     def configure_callbacks(self):
+        defer_logger_files(self.trainer)  # nothing in the run directory before RunRecord has claimed it
         bar = progress_bar(self.trainer)
         return [ClosedFormEdit(), RunRecord()] + ([bar] if bar else [])  # in this order: the write, then its record
 

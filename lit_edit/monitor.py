@@ -25,7 +25,8 @@ update norms. Storing the unedited log-probabilities instead would cost n_sample
 
 When: before the first edit (step 0, ``pre``), every ``every_n_steps`` applied batches (measured when the next
 batch starts, so at step k exactly k batches are written whatever the callback order) and at the end of training
-(``final``). Scalars go straight to the logger at the applied-batch step. Under DDP every rank measures its shard
+(``final``). Scalars go straight to the logger at the applied-batch step, with the figures so far
+(``drift/curves``, ``drift/update_norms``: :mod:`lit_edit.figures`). Under DDP every rank measures its shard
 (every world-th text and probe item) and the torchmetrics means are reduced, as the edit metrics are.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from lit_edit import checks
+from lit_edit import board, checks, figures
 from lit_edit import distributed as dist
 from lit_edit.data.files import iter_texts
 from lit_edit.editing import set_weight
@@ -177,6 +178,7 @@ class Monitor(L.Callback):
         self._seqs: list[list[int]] | None = None
         self._ctx: ProbeContext | None = None
         self._last_step = -1
+        self._resumed, self._prepare_seconds = False, 0.0  # set by on_fit_start for on_train_start
 
     # -- set-up -------------------------------------------------------------------------------------
     def capture_unedited(self, pl_module) -> None:
@@ -219,18 +221,27 @@ class Monitor(L.Callback):
             raise ValueError(f"{NAME} text: {t.dataset or 'the world'} gave no text of 2 or more tokens")
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        """W₀, the drift text and the probes' data: read (and checked) before the run directory is claimed."""
         started = time.perf_counter()
-        resumed = bool(trainer.ckpt_path) or bool(getattr(pl_module, "edited_ids", None))
-        if not resumed:
+        self._resumed = bool(trainer.ckpt_path) or bool(getattr(pl_module, "edited_ids", None))
+        if not self._resumed:
             self.capture_unedited(pl_module)
         elif self.W0 is None:  # nobody captured them before the checkpoint was restored
             self._reload_unedited(pl_module)
         self._prepare(pl_module)
+        self._prepare_seconds = time.perf_counter() - started
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """The pre-edit measurement, logged: after RunRecord's on_fit_start has claimed the run directory, so that a
+        run refused there has logged nothing into it."""
         if not self.pre:  # a resume keeps the checkpoint's; a monitor added on resume measures W₀ swapped in
-            swap = swapped_weights(pl_module.llm, pl_module.layout, self.W0) if resumed else contextlib.nullcontext()
+            started = time.perf_counter()
+            swap = (swapped_weights(pl_module.llm, pl_module.layout, self.W0) if self._resumed
+                    else contextlib.nullcontext())
             with swap:
                 self.pre = self.measure(pl_module, unedited=True)
-            self.pre["time/monitor_seconds"] = time.perf_counter() - started  # with W₀, the text and the probes' data
+            # with W₀, the text and the probes' data
+            self.pre["time/monitor_seconds"] = time.perf_counter() - started + self._prepare_seconds
             self._log(trainer, pl_module, self.pre, 0)
 
     # -- measuring ----------------------------------------------------------------------------------
@@ -255,6 +266,24 @@ class Monitor(L.Callback):
         # straight to the logger at the applied-batch step (as RunRecord logs the retention curve)
         if pl_module.logger is not None and trainer.is_global_zero:
             pl_module.logger.log_metrics(values, step=step)
+        self._log_figures(trainer, pl_module, step)
+
+    def _log_figures(self, trainer, pl_module, step: int) -> None:
+        """The drift curves (``drift/curves``) and the per-layer relative update norms (``drift/update_norms``) so
+        far, as TensorBoard images (rank 0; :mod:`lit_edit.figures`)."""
+        tb = board.writer(trainer, pl_module)
+        if tb is None or not self.measure_drift:
+            return
+        points, title = self.points(), board.title(pl_module)
+        board.draw("the drift curves", lambda: figures.drift_curves(points, title), tb, "drift/curves", step)
+        board.draw("the update norms", lambda: figures.update_norms(points, title), tb, "drift/update_norms", step)
+
+    def points(self) -> list[tuple[int, dict[str, float]]]:
+        """Every measurement known, (step, values) by step: ``pre`` at step 0 (kept by a resume's checkpoint) and
+        this process's ``history``."""
+        known = {0: self.pre} if self.pre else {}
+        known.update({step: values for step, values in self.history})
+        return sorted(known.items())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step  # batches applied so far

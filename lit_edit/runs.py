@@ -14,15 +14,23 @@
 * :class:`RunLock` — an exclusive ``flock`` on ``<run_dir>/.lock`` for the life of a fit, so two fits never
   write into one directory at once (the kernel drops it when the process dies, so a ``kill -9`` leaves no
   stale lock).
+* :func:`check_export_dir` / :func:`write_export` — ``model.export_dir`` checked before the first edit (writable;
+  empty, this run's own earlier export, or released with ``model.export_replace``) and filled whole at the end.
+
+Every check here reads only (:meth:`Ledger.check`, ``Ledger.truncate`` checks again before it cuts), so that
+:class:`lit_edit.callbacks.RunRecord` can check everything before it writes anything.
 * :func:`compare_settings` — a resume is strict: every setting that changes the result is stored in the
   checkpoint and compared; a difference stops the run before any edit, naming the setting and both values.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -53,14 +61,17 @@ class CheckpointError(RuntimeError):
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], Any]) -> None:
     """Write ``data`` to ``path`` all or nothing: a temporary file in the same directory (same file system,
     so the rename is atomic), flushed and fsync'ed, then renamed over ``path``. ``data`` may be a function that
-    writes to the open file (a checkpoint streams to disk instead of being held in memory a second time)."""
+    writes to the open file (a checkpoint streams to disk instead of being held in memory a second time).
+    A failure raises :class:`OSError` naming ``path`` (for a full disk: "no space left on device")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    sink = None
     try:
         with open(tmp, "wb") as f:
             if callable(data):
-                data(f)
+                sink = _RecordingFile(f)
+                data(sink)
             else:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
@@ -68,10 +79,50 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"could not write {path} ({err.strerror or err}); the previous version, if "
-                                     f"any, is intact") from err
+        # torch.save reports a failed write as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos":
+        # the OSError it swallowed says what happened
+        cause = err if isinstance(err, OSError) else sink.error if sink is not None else None
+        if cause is not None:
+            raise write_error(path, cause) from err
         raise
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """An OSError (same errno) naming ``path``, saying in words what happened, and that the old file stays."""
+    return OSError(err.errno, f"could not write {path}: {_in_words(err)}; the previous version, if any, is intact")
+
+
+def _in_words(err: BaseException) -> str:
+    """What a failed write says, a full disk as "no space left on device" (also when a library, e.g. safetensors,
+    wraps the OSError in its own error)."""
+    if isinstance(err, OSError):
+        return "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    full = "no space left on device" in str(err).lower() or "StorageFull" in str(err)
+    return f"no space left on device ({type(err).__name__}: {err})" if full else f"{type(err).__name__}: {err}"
+
+
+class _RecordingFile:
+    """A file that remembers the first OSError of a write, for writers that replace it by their own error. A short
+    write (a disk filling up) is continued, so that it ends in the OSError that says why."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f, self.error = f, None
+
+    def write(self, b) -> int:
+        view, done = memoryview(b).cast("B"), 0
+        try:
+            while done < len(view):
+                n = self._f.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, "the file took no more bytes")
+                done += n
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return done
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -168,7 +219,7 @@ class Ledger:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
-            raise OSError(err.errno, f"could not append to the ledger {self.path} ({err.strerror or err})") from err
+            raise OSError(err.errno, f"could not append to the ledger {self.path}: {_in_words(err)}") from err
         return raw
 
     def complete_lines(self) -> list[bytes]:
@@ -179,9 +230,9 @@ class Ledger:
         lines = raw.split(b"\n")
         return [line + b"\n" for line in lines[:-1]]  # the part after the last newline is partial or empty
 
-    def truncate(self, n: int) -> int:
-        """Keep the first ``n`` lines (those of the steps a checkpoint holds); returns how many were dropped.
-        Refuses a ledger with fewer than ``n`` complete lines: it does not belong to the checkpoint."""
+    def check(self, n: int) -> list[bytes]:
+        """The ledger's complete lines, refused (CheckpointError naming the file) unless its first ``n`` lines (those of
+        the steps a checkpoint holds) are there and valid JSON. Reads only."""
         lines = self.complete_lines()
         if len(lines) < n:
             raise CheckpointError(f"the ledger {self.path} holds {len(lines)} complete lines, but the checkpoint was "
@@ -191,6 +242,11 @@ class Ledger:
                 json.loads(line)
             except ValueError as err:
                 raise CheckpointError(f"the ledger {self.path} line {i + 1} is not valid JSON ({err})") from err
+        return lines
+
+    def truncate(self, n: int) -> int:
+        """Keep the first ``n`` lines (see :meth:`check`), atomically; returns how many were dropped."""
+        lines = self.check(n)
         size = self.path.stat().st_size if self.path.exists() else 0
         kept = b"".join(lines[:n])
         if len(kept) != size:
@@ -210,7 +266,10 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         self._f = None
 
-    def acquire(self) -> None:
+    def acquire(self, announce: bool = True) -> None:
+        """Take the lock or raise :class:`RunDirError`. ``announce`` writes this process's pid into the file; a fit
+        takes the lock without it and calls :meth:`announce` once its checks have passed, so that a refused fit leaves
+        the file as it was."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -221,11 +280,16 @@ class RunLock:
             f.close()
             raise RunDirError(f"run directory {self.path.parent} is in use by {holder}: two fits cannot write into "
                               f"one run directory at once") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
         self._f = f
+        if announce:
+            self.announce()
+
+    def announce(self) -> None:
+        """Write this process's pid into the lock file (what a refused fit names)."""
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"pid {os.getpid()}\n")
+        self._f.flush()
 
     def release(self) -> None:
         if self._f is not None:
@@ -262,6 +326,13 @@ def solver_ledger_dir(run_dir: str | os.PathLike | None, rank: int = 0) -> Path 
     return Path(run_dir) / (SOLVER_LEDGER if rank == 0 else f"{SOLVER_LEDGER}.rank{rank}")
 
 
+def stale_rank_ledgers(run_dir: str | os.PathLike, world_size: int) -> list[Path]:
+    """The solver ledgers of ranks that a run resumed on fewer devices no longer has (``solver_ledger.rank<r>``,
+    r ≥ ``world_size``): their copies stop at the checkpoint, so no later checkpoint of the run could use them."""
+    return sorted(p for p in Path(run_dir).glob(f"{SOLVER_LEDGER}.rank*") if p.is_dir()
+                  and p.name.rsplit("rank", 1)[1].isdigit() and int(p.name.rsplit("rank", 1)[1]) >= world_size)
+
+
 def checkpoint_run_dir(ckpt_path: str | os.PathLike | None, recorded: str | None) -> Path | None:
     """The run directory a checkpoint belongs to: ``<run_dir>/checkpoints/<file>`` (where ModelCheckpoint puts
     it, so a moved run directory still resumes), else the directory recorded in the checkpoint."""
@@ -269,6 +340,79 @@ def checkpoint_run_dir(ckpt_path: str | os.PathLike | None, recorded: str | None
     if p is not None and p.parent.name == CHECKPOINTS:
         return p.parent.parent
     return Path(recorded).resolve() if recorded else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The exported model
+# ------------------------------------------------------------------------------------------------
+
+EXPORT_MARK = "lit_edit_export.json"  # in an export: which run directory wrote it
+
+
+class ExportDirError(RuntimeError):
+    """``model.export_dir`` cannot take this run's export."""
+
+
+def check_export_dir(path: str | os.PathLike, run_dir: Path | None, replace: bool) -> None:
+    """Refuse, naming ``model.export_dir``, an export directory that this run could not fill at its end: one that is a
+    file, the run directory or above it, not writable, or not empty and neither this run's own earlier export nor
+    released with ``model.export_replace``. Writes nothing but a probe folder next to it, removed at once."""
+    p = Path(path).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise ExportDirError(f"model.export_dir {p} is a file, not a directory")
+    if run_dir is not None and (p == run_dir.resolve() or p in run_dir.resolve().parents):
+        raise ExportDirError(f"model.export_dir {p} would replace the run directory {run_dir}: export elsewhere")
+    if p.is_dir() and any(p.iterdir()) and not replace:
+        owner = export_owner(p)
+        if owner is None or run_dir is None or owner != str(run_dir.resolve()):
+            held = f"the export of the run {owner}" if owner else "files that are not a lit_edit export"
+            raise ExportDirError(f"model.export_dir {p} is not empty: it holds {held}. Export to an empty directory, "
+                                 f"or pass --model.export_replace true to replace it")
+    _check_writable(p.parent, "model.export_dir", p)
+
+
+def _check_writable(folder: Path, setting: str, target: Path) -> None:
+    """Whether a folder can be created in ``folder`` (or in its nearest existing parent, where the missing ones would
+    be made): an actual try, since permission bits say nothing for root or a read-only file system."""
+    existing = next(d for d in (folder, *folder.parents) if d.exists())
+    try:
+        Path(tempfile.mkdtemp(prefix=".lit_edit-probe-", dir=existing)).rmdir()
+    except OSError as err:
+        raise ExportDirError(f"{setting} {target} cannot be written: {existing} is not writable "
+                             f"({err.strerror or err})") from err
+
+
+def export_owner(path: Path) -> str | None:
+    """The run directory recorded in an export written by :func:`write_export`, else None."""
+    try:
+        return json.loads((path / EXPORT_MARK).read_text())["run_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_export(path: str | os.PathLike, write: Callable[[Path], Any], run_dir: Path | None) -> None:
+    """Fill ``path`` whole: ``write(folder)`` fills a temporary folder next to it, which then replaces ``path`` by
+    renames, with a mark naming ``run_dir``. A failure (a full disk) raises naming ``path`` and leaves an earlier
+    export as it was. (Between the two renames the old export is at ``.<name>.old-<pid>`` next to it.)"""
+    p = Path(path).expanduser().resolve()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = p.parent / f".{p.name}.tmp-{os.getpid()}", p.parent / f".{p.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        atomic_write(tmp / EXPORT_MARK, json.dumps({"run_dir": str(run_dir.resolve()) if run_dir else None}))
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception):  # an interrupt
+            raise
+        msg = f"could not export the edited model to model.export_dir {p}: {_in_words(err)}; an earlier export " \
+              f"there, if any, is intact"
+        raise (OSError(err.errno, msg) if isinstance(err, OSError) else ExportDirError(msg)) from err
+    if p.exists():
+        os.replace(p, old)
+    os.replace(tmp, p)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -77,6 +77,16 @@ class Solver:
         """Where the solver keeps its on-disk state (the ledger of applied edits): the run directory's
         ``solver_ledger`` (RunRecord calls this when the run directory is claimed), or None for a temporary one."""
 
+    def check_ledger(self, directory: str | Path | None) -> set[str]:
+        """What :meth:`attach` would find in ``directory``, read only (RunRecord checks it before it writes
+        anything): the fact ids with a live edit after a restored state, raising as ``attach`` would."""
+        return set()
+
+    @property
+    def keeps_ledger(self) -> bool:
+        """Whether :meth:`knows` remembers applied edits (so a later batch can replace or remove them)."""
+        return False
+
     def gate(self, layer: int, K: torch.Tensor) -> torch.Tensor:
         """M (n×d_in): the R-dependent part of ``solve`` is R·M for any residual R (d_out×n)."""
         raise NotImplementedError
@@ -231,6 +241,13 @@ class AlignedSolver(Solver):
     def attach(self, directory):
         if self.ledger is not None:
             self.ledger.attach(directory)
+
+    def check_ledger(self, directory):
+        return self.ledger.check(directory) if self.ledger is not None else set()
+
+    @property
+    def keeps_ledger(self) -> bool:
+        return self.ledger is not None
 
     def _cast(self, layer: int, K: torch.Tensor) -> torch.Tensor:
         """A tensor on the solver's device, in its dtype."""

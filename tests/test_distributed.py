@@ -115,6 +115,7 @@ def test_two_device_checkpoint_resumes_on_one_device(tiny_world, tmp_path):
     resumed = tmp_path / "resumed"
     run = run_cli(tmp_path / "b", 1, "--ckpt_path", str(ckpt), "--model.export_dir", str(resumed), *FLOAT64)
     assert run == first  # the resume continued in its checkpoint's run directory
+    assert not (run / "solver_ledger.rank1").exists()  # rank 1's copy stopped at the checkpoint: removed
     assert compare(full, resumed) <= BOUND
     assert metrics(run)["n_edits"] == 9
     # one ledger for the whole run: every request once, in stream order, with its step

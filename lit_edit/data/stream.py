@@ -198,6 +198,7 @@ class EditDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read the stream once; later calls (every ``fit``, every stage) keep it and its position. Every call hands
         it to the module being fitted."""
+        self._check_no_distributed_sampler()  # here too: before the run directory is claimed, not at the first batch
         if self._cursor is None:
             self._read_and_position()
         self._hand_over()
@@ -248,6 +249,13 @@ class EditDataModule(L.LightningDataModule):
     @property
     def n_batches(self) -> int:
         return self._require_cursor().n_batches
+
+    def pending_batches(self) -> list[list[EditRequest]]:
+        """The batches not applied yet, in order, as the train loader will give them (a fit plans their operations
+        before the first edit: :func:`lit_edit.editing.check_operations`)."""
+        cursor = self._require_cursor()
+        size = cursor.batch_size
+        return [self.requests[b * size: (b + 1) * size] for b in range(cursor.consumed, cursor.n_batches)]
 
     def mark_applied(self, n_batches: int = 1) -> None:
         """Record that the next ``n_batches`` batches of the stream have been edited into the model."""
