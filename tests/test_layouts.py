@@ -32,13 +32,11 @@ CONFIGS = {
     "llama": lambda: T.LlamaConfig(**LLAMA_LIKE),
     "mistral": lambda: T.MistralConfig(**LLAMA_LIKE),
     "qwen2": lambda: T.Qwen2Config(**LLAMA_LIKE),
-    # Gemma 3: scaled embeddings, post-feed-forward norms, tied head, local (sliding-window) layers. A logit softcap
-    # (Gemma 2's; Gemma 3's config has the field, unset in the 270M model) is set low so that it bends these tiny random
-    # logits: at Gemma 2's 30, tanh would be the identity here and a missing cap go unseen. The window (64) is longer
-    # than the test rows, as Gemma-3-270M's (512) is longer than CounterFact's: with a window of 4, v* with early stop
-    # differed from the plain forward (lit_edit/truncated.py, RowForward, which warns of such rows).
+    # Gemma 3: scaled embeddings, post-feed-forward norms, tied head, local (sliding-window) layers. The window (64) is
+    # longer than the test rows, as Gemma-3-270M's (512) is longer than CounterFact's: with a window of 4, v* with
+    # early stop differed from the plain forward (lit_edit/truncated.py, RowForward, which warns of such rows).
     "gemma3_text": lambda: T.Gemma3TextConfig(**LLAMA_LIKE, head_dim=8, query_pre_attn_scalar=8, sliding_window=64,
-                                              final_logit_softcapping=0.05, max_position_embeddings=128),
+                                              max_position_embeddings=128),
 }
 OPT_LAYOUT = dict(
     rewrite_module="model.decoder.layers.{}.fc2",
@@ -155,9 +153,25 @@ def test_block_hidden_and_hook_edits_are_honoured(model):
     assert not torch.allclose(steered[:, pos], clean[:, pos])
 
 
+def softcapped_gemma3():
+    """Gemma 3 with a logit softcap (Gemma 2's; a field of Gemma 3's config, unset in the 270M model), set low so that
+    it bends these tiny random logits: at Gemma 2's 30, tanh would be the identity here and a missing cap go unseen."""
+    config = CONFIGS["gemma3_text"]()
+    config.final_logit_softcapping = 0.05
+    return make_model(config)
+
+
 def test_final_norm_and_logit_head_give_the_model_logits(model):
     """What the truncated forwards read: the final norm on the last block's output, then :func:`logit_head` (the LM
-    head and, for Gemma 2, its logit softcap), equal the model's own logits."""
+    head and, where the config sets one, its logit softcap), equal the model's own logits."""
+    check_logit_head(model)
+
+
+def test_logit_head_applies_the_softcap():
+    check_logit_head(softcapped_gemma3())
+
+
+def check_logit_head(model):
     layout, ids = get_layout(model), tokens()
     last = block_module(model, layout, layout.n_layers(model) - 1)
     seen = {}
