@@ -16,6 +16,9 @@ from lit_edit.progress import is_interactive, track
 
 
 CHUNK = 256  # requests scored per call of the evaluator (its own batching is within a call)
+# ... when the progress is shown: a real model's pre-edit scoring (generations for fluency) takes seconds per request,
+# so a chunk of 256 would be minutes of silence in a log
+SHOWN_CHUNK = 16
 
 
 class Scores:
@@ -32,11 +35,12 @@ class Scores:
         them."""
         mine = [requests[i] for i in dist.shard(len(requests))]
         scores = []
+        chunk = CHUNK if desc is None else SHOWN_CHUNK
         with track(total=len(mine), desc=desc, unit="req", disable=desc is None or dist.rank() != 0 or
-                   len(mine) <= CHUNK) as bar:
-            for start in range(0, len(mine), CHUNK):  # chunks: the same scores, a live progress bar
-                scores += self.evaluator.scores(env, mine[start:start + CHUNK], full=full)
-                bar.update(len(mine[start:start + CHUNK]))
+                   len(mine) <= chunk) as bar:
+            for start in range(0, len(mine), chunk):  # chunks: the same scores, a live progress bar
+                scores += self.evaluator.scores(env, mine[start:start + chunk], full=full)
+                bar.update(len(mine[start:start + chunk]))
         parts = dist.all_gather_objects(list(zip([r.case_id for r in mine], scores)))
         return dict(pair for part in parts for pair in part)
 

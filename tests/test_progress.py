@@ -126,3 +126,32 @@ def test_a_fit_and_a_test_in_a_log_print_each_phase_and_each_step(bar, tiny_worl
     log = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[lit_edit] ")]
     assert [re.sub(r"elapsed \d+s \| eta \d+s", "…", l) for l in log if "test batch" in l] == \
         ["[lit_edit] test batch 1/2 | …", "[lit_edit] test batch 2/2 | …"]
+
+
+def test_a_long_scoring_in_a_log_prints_lines_before_it_ends(monkeypatch, capsys):
+    """The pre-edit scoring of a real stream (seconds per request) is scored in chunks of SHOWN_CHUNK when its progress
+    is shown, so a log gets its lines while it runs; the scores are the evaluator's, in order, whatever the chunks."""
+    from lit_edit import evaluation
+
+    class Evaluator:
+        keys = ("efficacy",)
+        calls = []
+
+        def scores(self, env, requests, full=True):
+            self.calls.append(len(requests))
+            progress.clock = lambda: 31.0 * len(self.calls)  # each chunk "takes" 31 s: past the interval
+            return [{"efficacy": float(r.case_id)} for r in requests]
+
+    monkeypatch.setenv("LIT_EDIT_PROGRESS", "lines")
+    monkeypatch.setattr(progress, "clock", lambda: 0.0)
+    reqs = [type("R", (), {"case_id": i})() for i in range(40)]
+    ev = Evaluator()
+    got = evaluation.Scores(ev).records(None, reqs, "pre-edit scores")
+    assert got == {i: {"efficacy": float(i)} for i in range(40)}
+    assert ev.calls == [16, 16, 8]
+    log = logged(capsys)
+    assert log[0] == "[lit_edit] pre-edit scores: 0/40 req | elapsed 0s" and len(log) >= 3, log
+    assert log[-1].startswith("[lit_edit] pre-edit scores: 40/40 req") and log[-1].endswith("| done")
+    ev.calls.clear()
+    evaluation.Scores(ev).records(None, reqs)  # no progress asked for: one call
+    assert ev.calls == [40]
