@@ -68,6 +68,23 @@ for _message in (r".*configure_optimizers` returned `None`", r"Found \d+ module\
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
+def _warn_if_outputs_are_normalised(llm, tok, layout, layers: list[int]) -> None:
+    """The closed-form write (docs/algorithms.md §4) spreads the residual z − h_L over the edited layers as changes of
+    the edited matrix's output, assuming each reaches the residual stream unchanged. Gemma 3 normalises its MLP output
+    first (post_feedforward_layernorm), so the write does not realise the targets there (seen on Gemma-3-270M: target
+    losses 5.9 / 12.5 and residual norms growing from 21 to 8838 across layers 4-8, docs/results.md §10.3). Probed
+    once per edited layer (:func:`~lit_edit.truncated.output_reaches_block_output`) and said, not refused."""
+    from lit_edit.truncated import output_reaches_block_output
+
+    ids = tok("The Eiffel Tower is in Paris")["input_ids"]
+    off = [l for l in layers if not output_reaches_block_output(llm, layout, l, ids)]
+    if off:
+        warnings.warn(f"model.layers {off}: the edited matrix's output ({layout.rewrite_module}) does not reach the "
+                      f"residual stream unchanged (e.g. Gemma 3's post-feed-forward norm), which MEMIT-style writes "
+                      f"assume: the edits may not land; check target_loss and residual_norm in edits.jsonl "
+                      f"(docs/results.md §10.3)", stacklevel=2)
+
+
 class EditModule(L.LightningModule):
     """A frozen causal LM being edited one batch of requests per step.
 
@@ -168,6 +185,7 @@ class EditModule(L.LightningModule):
             n_layers = self.layout.n_layers(self.llm)
             if self.layers[-1] >= n_layers or self.layers[0] < 0:
                 raise ValueError(f"layers {self.layers} out of range for a model with {n_layers} blocks")
+            _warn_if_outputs_are_normalised(self.llm, self.tok, self.layout, self.layers)
             with phase("context templates"):
                 self.context = generate_context_templates(self.llm, self.tok, self.context_spec, self.context_seed)
             for cb in self.trainer.callbacks if self._trainer is not None else []:

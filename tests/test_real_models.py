@@ -130,6 +130,10 @@ def test_smollm2_round_trip_edits_land_and_unrelated_answers_stay(tmp_path):
     records = json.loads((SHARED / "counterfact_sample.json").read_text())[:4]
     unrelated = ["The Eiffel Tower is located in the city of", "The capital of Japan is", "Barack Obama was born in",
                  "The Mona Lisa was painted by", "Water is made of hydrogen and"]
+    import warnings
+
+    # SmolLM2 (Llama) sums its MLP output into the residual unchanged: no warning that the write's assumption fails
+    warnings.filterwarnings("error", message=r".*does not reach the residual stream unchanged")
     editor = Editor(root_dir=tmp_path, model="smollm2-135m-instruct", layers=[3, 4, 5, 6, 7], context_templates=[],
                     solver=AlphaEdit(L2=10.0, nullspace_threshold=2e-2),
                     method=VStar(v_num_grad_steps=15, v_lr=0.5, clamp_norm_factor=0.75, kl_factor=0.0625,
@@ -143,3 +147,30 @@ def test_smollm2_round_trip_edits_land_and_unrelated_answers_stay(tmp_path):
     assert m["n_edits"] == 4 and m["efficacy"] > m["pre.efficacy"] and m["efficacy"] >= 75
     after = [greedy(result.model, result.tokenizer, p, 2) for p in unrelated]
     assert sum(a == b for a, b in zip(after, before)) >= 4, list(zip(before, after))
+
+
+@pytest.mark.skipif(not (SHARED / "counterfact_sample.json").is_file(),
+                    reason="needs ../shared/data/counterfact_sample.json beside the checkout")
+def test_gemma3_runs_through_the_cli_and_warns_that_its_mlp_output_is_normalised(tmp_path, monkeypatch):
+    """Gemma-3-270M through ``train.py fit`` with its shipped config (MEMIT, layers 4-8), cut down to 2 records, 10 v*
+    steps and C0 from 200 UnKEBench answers (a local JSON corpus; about 40k tokens, more than its 2048 key dimensions:
+    fewer leave λ·C0 singular, which MEMIT refuses naming λ): the run finishes and writes its record. Gemma 3 normalises
+    its MLP output before the residual sum, which MEMIT-style writes assume it does not: the run says so, naming the
+    layers (docs/results.md §10.3: the edits do not land there yet)."""
+    import json
+
+    from lit_edit.cli import main
+
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.warns(UserWarning, match=r"model\.layers \[4, 5, 6, 7, 8\]: the edited matrix's output .* does not "
+                                         r"reach the residual stream unchanged"):
+        main(["fit", "--config", "configs/gemma3-270m/memit_counterfact.yaml", "--data.limit", "2",
+              "--data.batch_size", "2", "--model.stats.dataset", str(SHARED / "unke.json"), "--model.stats.text_field",
+              "answer", "--model.stats.n_samples", "200", "--model.method.init_args.v_num_grad_steps", "10",
+              "--model.method.init_args.evaluator.fluency", "false", "--model.context_templates", "[]",
+              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_checkpointing", "false",
+              "--trainer.callbacks", "[]"])
+    [metrics] = list(tmp_path.rglob("metrics.json"))
+    m = json.loads(metrics.read_text())
+    ledger = [json.loads(line) for line in (metrics.parent / "edits.jsonl").read_text().splitlines()]
+    assert m["n_edits"] == 2 and [x["layers"] for x in ledger] == [[4, 5, 6, 7, 8]] * 2
