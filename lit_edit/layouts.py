@@ -32,11 +32,14 @@ class ModelLayout:
     final_norm: str
     lm_head: str
     weight_layout: WeightLayout = "out_in"  # "out_in": nn.Linear [d_out, d_in]; "in_out": Conv1D [d_in, d_out]
+    # an RMSNorm between the edited matrix's output and the residual sum (Gemma 3's post_feedforward_layernorm), with
+    # "{}" for the layer: the write maps each layer's residual share through it (lit_edit.editing.through_post_norm)
+    post_norm: str | None = None
 
     def __post_init__(self) -> None:
         if self.weight_layout not in ("out_in", "in_out"):
             raise ValueError(f"layout key 'weight_layout' must be 'out_in' or 'in_out', got {self.weight_layout!r}")
-        for key in ("rewrite_module", "layer_module"):
+        for key in ("rewrite_module", "layer_module") + (("post_norm",) if self.post_norm is not None else ()):
             if "{}" not in getattr(self, key):
                 raise ValueError(f"layout key {key!r} must contain '{{}}' for the layer index, got {getattr(self, key)!r}")
 
@@ -70,10 +73,12 @@ for _model_type in ("llama", "mistral", "qwen2"):
 # by sqrt(d) inside the embedding module (so noise or states read at its output are in the scaled space); the MLP
 # output passes a post-feed-forward RMSNorm (Gemma 3) before the residual sum, so a change of down_proj's output is
 # not a change of the block's output (truncated.output_reaches_block_output probes this and MetaKE's look-ahead then
-# re-runs block L); a logit softcap, where the config sets one, is applied by :func:`logit_head`; the LM
-# head is tied to the embeddings, and only down_proj is ever written.
+# re-runs block L), and the write maps each residual share through that norm (``post_norm``); a logit softcap,
+# where the config sets one, is applied by :func:`logit_head`; the LM head is tied to the embeddings, and only
+# down_proj is ever written.
 for _model_type in ("gemma3_text",):
-    register_layout(_model_type, ModelLayout("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.norm", "lm_head"))
+    register_layout(_model_type, ModelLayout("model.layers.{}.mlp.down_proj", "model.layers.{}", "model.norm", "lm_head",
+                                             post_norm="model.layers.{}.post_feedforward_layernorm"))
 
 _KEYS = tuple(f.name for f in fields(ModelLayout))
 
@@ -149,6 +154,8 @@ def _validate(model: nn.Module, layout: ModelLayout) -> None:
     _module(model, "lm_head", layout.lm_head)
     for layer in {0, layout.n_layers(model) - 1}:
         _module(model, "layer_module", layout.layer_module.format(layer))
+        if layout.post_norm is not None:
+            _module(model, "post_norm", layout.post_norm.format(layer))
         module = _module(model, "rewrite_module", layout.rewrite_module.format(layer))
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or weight.ndim != 2:
@@ -170,6 +177,14 @@ def edited_module(model: nn.Module, layout: ModelLayout, layer: int) -> nn.Modul
     """The module whose weight is rewritten at ``layer`` (its input is the key ``k``)."""
     _check_layer(model, layout, layer)
     return _module(model, "rewrite_module", layout.rewrite_module.format(layer))
+
+
+def post_norm_module(model: nn.Module, layout: ModelLayout, layer: int) -> nn.Module | None:
+    """The norm between the edited matrix's output and the residual sum at ``layer``, or None (most families)."""
+    if layout.post_norm is None:
+        return None
+    _check_layer(model, layout, layer)
+    return _module(model, "post_norm", layout.post_norm.format(layer))
 
 
 def block_module(model: nn.Module, layout: ModelLayout, layer: int) -> nn.Module:

@@ -71,11 +71,15 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "
 def _warn_if_outputs_are_normalised(llm, tok, layout, layers: list[int]) -> None:
     """The closed-form write (docs/algorithms.md §4) spreads the residual z − h_L over the edited layers as changes of
     the edited matrix's output, assuming each reaches the residual stream unchanged. Gemma 3 normalises its MLP output
-    first (post_feedforward_layernorm), so the write does not realise the targets there (seen on Gemma-3-270M: target
-    losses 5.9 / 12.5 and residual norms growing from 21 to 8838 across layers 4-8, docs/results.md §10.3). Probed
-    once per edited layer (:func:`~lit_edit.truncated.output_reaches_block_output`) and said, not refused."""
+    first (post_feedforward_layernorm): without the layout's ``post_norm`` (which maps each share through that norm)
+    the write does not realise the targets there (seen on Gemma-3-270M: residual norms growing from 21 to 3640 across
+    layers 4-8, docs/results.md §10.3). Probed once per edited layer
+    (:func:`~lit_edit.truncated.output_reaches_block_output`) when the layout names no ``post_norm``; said, not
+    refused."""
     from lit_edit.truncated import output_reaches_block_output
 
+    if layout.post_norm is not None:  # the write maps the residual through the norm (editing.through_post_norm)
+        return
     ids = tok("The Eiffel Tower is in Paris")["input_ids"]
     off = [l for l in layers if not output_reaches_block_output(llm, layout, l, ids)]
     if off:

@@ -263,3 +263,52 @@ def test_layer_out_of_range():
     model = make_model(CONFIGS["llama"]())
     with pytest.raises(IndexError):
         edited_module(model, get_layout(model), 3)
+
+
+def test_a_write_through_the_post_norm_moves_the_block_output_by_the_residual_share():
+    """Gemma 3's MLP output passes an RMSNorm before the residual sum. :func:`through_post_norm` turns a wanted change
+    r of the block's output into the change d of down_proj's output that realises it, to first order: after W += d kᵀ /
+    ‖k‖² (so that W k = m + d) the block's output at that token moves by r up to O(‖r‖²), less r's part along the one
+    direction the norm cannot move (v = m / g); writing r itself, as for the other families, does not (here it is off
+    by hundreds of times r's size)."""
+    from lit_edit.editing import through_post_norm
+    from lit_edit.layouts import post_norm_module
+
+    model = make_model(CONFIGS["gemma3_text"]()).double()
+    with torch.no_grad():  # a gain unlike 1 at every coordinate, as a trained Gemma's (the tiny model's is all zeros)
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(-0.5, 2.0)
+    layout, ids, layer, pos = get_layout(model), tokens(), 1, 3
+    module, block = edited_module(model, layout, layer), block_module(model, layout, layer)
+
+    def run():
+        seen = {}
+        hk = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("k", a[0][0, pos].detach().clone()))
+        hb = block.register_forward_hook(lambda m, a, out: seen.__setitem__("h", block_hidden(out)[0, pos].clone()))
+        with torch.no_grad():
+            model(ids[:1])
+        hk.remove()
+        hb.remove()
+        return seen["k"], seen["h"]
+
+    k, h = run()
+    r = torch.randn(D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    r = 1e-4 * r * h.norm() / r.norm()
+    W0 = get_weight(model, layout, layer).clone()
+    norm = post_norm_module(model, layout, layer)
+    g = norm(torch.ones(1, D, dtype=torch.float64))[0] * (1 + norm.eps) ** 0.5
+    v = (W0 @ k) / g
+    v = v / v.norm()
+    reach = r - v * (v @ r)
+    assert (r - reach).norm() < r.norm()  # one direction out of D
+    errors = {}
+    for how in ("mapped", "plain"):
+        d = through_post_norm(post_norm_module(model, layout, layer), W0, k[:, None], r[:, None])[:, 0] \
+            if how == "mapped" else r
+        set_weight(model, layout, layer, W0 + torch.outer(d, k) / (k @ k))
+        errors[how] = ((run()[1] - h) - reach).norm().item() / r.norm().item()
+    set_weight(model, layout, layer, W0)
+    assert errors["mapped"] < 1e-3 and errors["plain"] > 1.0, errors
+    assert post_norm_module(model, layout, layer) is model.model.layers[layer].post_feedforward_layernorm
+    assert post_norm_module(make_model(CONFIGS["llama"]()), LAYOUTS["llama"], layer) is None

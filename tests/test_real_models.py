@@ -151,26 +151,24 @@ def test_smollm2_round_trip_edits_land_and_unrelated_answers_stay(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "counterfact_sample.json").is_file(),
                     reason="needs ../shared/data/counterfact_sample.json beside the checkout")
-def test_gemma3_runs_through_the_cli_and_warns_that_its_mlp_output_is_normalised(tmp_path, monkeypatch):
-    """Gemma-3-270M through ``train.py fit`` with its shipped config (MEMIT, layers 4-8), cut down to 2 records, 10 v*
-    steps and C0 from 200 UnKEBench answers (a local JSON corpus; about 40k tokens, more than its 2048 key dimensions:
-    fewer leave λ·C0 singular, which MEMIT refuses naming λ): the run finishes and writes its record. Gemma 3 normalises
-    its MLP output before the residual sum, which MEMIT-style writes assume it does not: the run says so, naming the
-    layers (docs/results.md §10.3: the edits do not land there yet)."""
+def test_gemma3_round_trip_through_the_cli(tmp_path, monkeypatch):
+    """Gemma-3-270M through ``train.py fit`` with its shipped config (MEMIT, layers 4-8, v* lr 5), cut down to dev
+    records 0-1, C0 from 200 UnKEBench answers (a local JSON corpus, about 40k tokens, more than its 2048 key
+    dimensions: fewer leave λ·C0 singular, which MEMIT refuses naming λ) and no context templates. Gemma 3 normalises
+    its MLP output before the residual sum; the write maps each residual share through that norm (``post_norm``).
+    The edits land: P(new) − P(true) rises by over 20 points (without the map, on records 0-3: −3.66 → 0.19;
+    with it, 80.79: docs/results.md §10.3)."""
     import json
 
     from lit_edit.cli import main
 
     monkeypatch.chdir(REPO_ROOT)
-    with pytest.warns(UserWarning, match=r"model\.layers \[4, 5, 6, 7, 8\]: the edited matrix's output .* does not "
-                                         r"reach the residual stream unchanged"):
-        main(["fit", "--config", "configs/gemma3-270m/memit_counterfact.yaml", "--data.limit", "2",
-              "--data.batch_size", "2", "--model.stats.dataset", str(SHARED / "unke.json"), "--model.stats.text_field",
-              "answer", "--model.stats.n_samples", "200", "--model.method.init_args.v_num_grad_steps", "10",
-              "--model.method.init_args.evaluator.fluency", "false", "--model.context_templates", "[]",
-              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_checkpointing", "false",
-              "--trainer.callbacks", "[]"])
+    main(["fit", "--config", "configs/gemma3-270m/memit_counterfact.yaml", "--data.offset", "0", "--data.limit", "2",
+          "--data.batch_size", "2", "--model.stats.dataset", str(SHARED / "unke.json"), "--model.stats.text_field",
+          "answer", "--model.stats.n_samples", "200", "--model.method.init_args.evaluator.fluency", "false",
+          "--model.context_templates", "[]", "--trainer.logger.init_args.save_dir", str(tmp_path),
+          "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"])
     [metrics] = list(tmp_path.rglob("metrics.json"))
     m = json.loads(metrics.read_text())
-    ledger = [json.loads(line) for line in (metrics.parent / "edits.jsonl").read_text().splitlines()]
-    assert m["n_edits"] == 2 and [x["layers"] for x in ledger] == [[4, 5, 6, 7, 8]] * 2
+    print(m)  # shown when the test fails
+    assert m["n_edits"] == 2 and m["efficacy_magnitude"] > m["pre.efficacy_magnitude"] + 20
