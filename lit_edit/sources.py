@@ -117,12 +117,17 @@ def _memo_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def _read_memo() -> dict:
+    """The remembered digests; an unreadable memo is only a cache miss."""
+    try:
+        return json.loads(_memo_path().read_text()) if _memo_path().is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _remember_sha256(path: Path, digest: str) -> None:
     memo_file = _memo_path()
-    try:
-        memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
-    except (OSError, ValueError):
-        memo = {}
+    memo = _read_memo()
     memo[_memo_key(path)] = digest
     memo_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo_file.with_name(memo_file.name + f".tmp{os.getpid()}")
@@ -132,11 +137,7 @@ def _remember_sha256(path: Path, digest: str) -> None:
 
 def _file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes, remembered per (path, size, mtime) so that a 250 MB GGUF is read once."""
-    memo_file = _memo_path()
-    try:
-        memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
-    except (OSError, ValueError):
-        memo = {}
+    memo = _read_memo()
     key = _memo_key(path)
     if key in memo:
         return memo[key]
