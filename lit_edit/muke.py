@@ -279,7 +279,8 @@ def compute_affinities(model, layout, layer: int, requests: list[WindowedSequenc
         sel = torch.arange(B, device=dev)
         cos = torch.zeros(B, int(n_fig.max()), device=dev, dtype=dt)
         h_init = None
-        run = RowForward(model, layout, rows.ids, rows.mask, start=layer + 1)  # δ enters at block L's output
+        # δ enters at block L's output at the memory position: the columns before it never change (§2.10)
+        run = RowForward(model, layout, rows.ids, rows.mask, start=layer + 1, from_col=rows.pos)
         scored = rows.labels >= 0
         for t in range(cfg.affinity_steps):
             record = {} if t == 0 else None
@@ -349,7 +350,9 @@ def optimise_windows(model, layout, layer: int, requests: list[WindowedSequence]
         idx = [i for i, r in enumerate(requests) if r.N > w]
         lam_w = {i: lam_rows[i][w] for i in idx} if lam_rows is not None else None
         rows = _build_rows(requests, idx, w, cfg.method, lam_w, res["delta"], pad, dev, dt, d)
-        run = RowForward(model, layout, rows.ids, rows.mask, start=layer + 1)  # δ enters at block L's output
+        # δ enters at block L's output at the window's memory position; the earlier windows' frozen δ lie before it and
+        # are the same at every iteration, so the columns before it never change (§2.10)
+        run = RowForward(model, layout, rows.ids, rows.mask, start=layer + 1, from_col=rows.pos)
         delta, h, loss, nll, steps = _optimise_rows(run, block, rows, cfg, d)
         for b, i in enumerate(idx):
             for k, x in (("delta", delta), ("h", h), ("loss", loss), ("nll", nll), ("steps", steps)):

@@ -249,7 +249,9 @@ def optimise_targets(model, layout, layer: int, batch: TargetBatch, cfg: TargetC
     dt = opt_dtype(model)
     kl_ref = [torch.zeros(n, 1, device=dev, dtype=dt)]  # the reference distributions, recorded at it = 0
     chunk = cfg.chunk_size or n
-    run = RowForward(model, layout, batch.ids, batch.mask, start=layer + 1)  # δ enters at block L's output
+    # δ enters at block L's output at the fact token: blocks 0 … L and the columns before the fact token are the same
+    # at every iteration (§2.10)
+    run = RowForward(model, layout, batch.ids, batch.mask, start=layer + 1, from_col=batch.lookup)
 
     def losses(it: int, act_idx: torch.Tensor, st: RowDescent, backward: bool) -> None:
         act_idx = act_idx.cpu()

@@ -16,6 +16,15 @@ Two more savings: the LM head is applied only at the positions a loss reads (:cl
 position of every row, and the rows of a forward are run in groups of similar length (:func:`length_groups`), so
 short rows (the KL prompts, the bare prompts) are not padded to the longest context-prefixed one.
 
+The third is causal: when the loop changes a row only from a column ``from_col`` on (v* adds δ at the fact token,
+the window targets at the window's memory position), the states of the columns before it are the same at every
+iteration in *every* block. The first forward of a row then also keeps the keys and values of blocks start … N − 1
+(the model's own cache, filled as for generation), and later forwards run only the columns ``from_col`` … end of
+each row, attending to those kept keys and values: the model's incremental-decoding path (``cache=`` with explicit
+position ids and a 2-D mask over [kept prefix | new columns]), so positions, rotary embeddings and masks are the
+architecture's own. On CounterFact's v* rows (context-prefixed prompts; the subject comes late) about a quarter of
+the tokens lie at or after the fact token, and the blocks' work shrinks by as much (docs/algorithms.md §2.10).
+
 ``with reference_forward():`` makes every :class:`RowForward` created inside run the plain model instead (all
 blocks, the logits of every position, one right-padded batch): the reference the exactness tests compare with, and
 what the per-request baseline of ``benchmarks/edit_throughput.py`` runs.
@@ -25,6 +34,7 @@ from __future__ import annotations
 import contextvars
 import warnings
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -118,20 +128,28 @@ class Readout:
     ``(r[i], c[i])`` (row within the forwarded rows, token). Holds either the full logits, or the final hidden states
     of each length group and the LM head, applied only to the positions asked for."""
 
-    def __init__(self, parts: list[torch.Tensor], groups: list[torch.Tensor], head: nn.Module | None):
+    def __init__(self, parts: list[torch.Tensor], groups: list[torch.Tensor], head: nn.Module | None,
+                 offsets: list[torch.Tensor | None] | None = None):
         self.parts, self.head = parts, head
         dev = parts[0].device
         n = sum(len(g) for g in groups)
         self.group = torch.empty(n, dtype=torch.long, device=dev)
         self.local = torch.empty(n, dtype=torch.long, device=dev)
+        self.offset = torch.zeros(n, dtype=torch.long, device=dev)  # a part run from a later column holds column c at c − offset
         for k, g in enumerate(groups):
             g = g.to(dev)
             self.group[g] = k
             self.local[g] = torch.arange(len(g), device=dev)
+            if offsets is not None and offsets[k] is not None:
+                self.offset[g] = offsets[k].to(dev)
 
     def at(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         dev = self.parts[0].device
         r, c = r.to(dev), c.to(dev)
+        c = c - self.offset[r]
+        if bool((c < 0).any()):
+            raise ValueError("a loss read a column before the row's from_col: those columns are not recomputed "
+                             "(RowForward's from_col must be at or before every column read)")
         if len(self.parts) == 1:
             x = self.parts[0][self.local[r], c]
         else:
@@ -177,6 +195,44 @@ def _skipping(blocks: list[nn.Module], output):
                 b.forward = f
 
 
+@dataclass
+class _Suffix:
+    """Where the columns ``from_col`` … end of some rows sit in a suffix-only forward: row b's column ``off[b] + j`` is
+    its j-th input (``cols``, clamped into the row on padding; ``valid``: a real token), after ``P`` kept prefix
+    columns (``prefix``: the real ones)."""
+
+    off: torch.Tensor  # [n]
+    cols: torch.Tensor  # [n, S]
+    valid: torch.Tensor  # [n, S]
+    prefix: torch.Tensor  # [n, P]
+    width: int  # the rows' longest real length (the full-coordinate width an edit sees)
+
+
+def suffix_geometry(lengths: torch.Tensor, from_col: torch.Tensor) -> _Suffix:
+    """The suffix-only layout of rows of real ``lengths`` run from ``from_col`` (clamped to the last real column)."""
+    off = torch.minimum(from_col, lengths - 1).clamp(min=0)
+    S, P = int((lengths - off).max()), int(off.max())
+    j = torch.arange(S)
+    cols = torch.minimum(off[:, None] + j, lengths[:, None] - 1)
+    return _Suffix(off, cols, j[None, :] < (lengths - off)[:, None], torch.arange(P)[None, :] < off[:, None],
+                   int(lengths.max()))
+
+
+def _kept_cache(model, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, P: int, start: int):
+    """A fresh cache of the model's own kind (``DynamicCache(config)``: sliding layers where the model has them) holding
+    the first ``P`` kept key / value columns of ``rows`` for blocks start … N − 1; the blocks below ``start`` are
+    skipped and never read theirs, which are zeros of the same shape (the mask sizes are read from any layer)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    k0, v0 = kv[start]
+    filler = (k0.new_zeros(len(rows), k0.shape[1], P, k0.shape[3]), v0.new_zeros(len(rows), v0.shape[1], P, v0.shape[3]))
+    for i in range(len(cache.layers)):
+        k, v = (kv[i][0][rows, :, :P], kv[i][1][rows, :, :P]) if i in kv else filler
+        cache.update(k, v, i)
+    return cache
+
+
 class RowForward:
     """Forward passes over subsets of the rows of one right-padded batch ``ids`` / ``mask`` [B, T], with blocks
     below ``start`` computed once per row (see the module docstring).
@@ -186,9 +242,15 @@ class RowForward:
     ``module``'s hidden output ``h`` by ``fn(h, sub)`` in each forward, where ``sub`` (on h's device) are the indices
     into ``rows`` of the rows of that forward (how v* and the windows add δ at their positions). Hooks that do not
     depend on the row (MetaKE's look-ahead) are installed around the call as for a plain forward. Nothing in blocks
-    0 … start − 1 may change between calls."""
+    0 … start − 1 may change between calls.
 
-    def __init__(self, model, layout, ids: torch.Tensor, mask: torch.Tensor, start: int):
+    ``from_col`` ([B], optional): the first column of each row that any call may change. Later forwards of a row then
+    compute only its columns from there on (module docstring); ``fn`` still sees ``h`` in the row's own columns
+    (``[rows, longest, d]``), of which it may read and change only those at or after ``from_col`` (the others hold
+    zeros), and a :class:`Readout` may be read only there (it raises otherwise)."""
+
+    def __init__(self, model, layout, ids: torch.Tensor, mask: torch.Tensor, start: int,
+                 from_col: torch.Tensor | None = None):
         self.model, self.ids, self.mask, self.start = model, ids, mask, start
         self.lengths = mask.sum(1).cpu()
         # right padding (the package's, tokens.pad_batch) lets a forward drop the columns after its longest row and
@@ -202,55 +264,116 @@ class RowForward:
         # width, did not remove it; the cause is not found). Gemma-3-270M's window is 512 tokens, longer than any
         # CounterFact / ZsRE row with its context templates; a longer row is warned about.
         window = getattr(getattr(model, "config", None), "sliding_window", None)
-        if isinstance(window, int) and window < int(self.lengths.max()) and not self.reference:
+        within_window = not (isinstance(window, int) and window < int(self.lengths.max()))
+        if not within_window and not self.reference:
             warnings.warn(f"rows of {int(self.lengths.max())} tokens exceed the model's sliding window ({window}): the "
                           f"truncated inner-loop forward is not checked equal to the full forward there "
                           f"(docs/algorithms.md §2.10)", stacklevel=2)
         self.blocks = [block_module(model, layout, i) for i in range(start)]
+        self.n_blocks = layout.n_layers(model)
         self.head = logit_head(model, layout)  # lm_head (+ the softcap of Gemma 2)
         self.kept: torch.Tensor | None = None  # [B, T, d]: block start − 1's output of every row computed so far
         self.has = torch.zeros(len(ids), dtype=torch.bool)
         self.template = None  # a block's output structure when it is not a bare tensor (older transformers)
+        # suffix-only forwards: only below the top block (else nothing is left to save), with right padding, within a
+        # sliding window (a cache trimmed to the window would lose kept columns)
+        self.from_col = None
+        if (from_col is not None and not self.reference and self.right and within_window
+                and 0 < start < self.n_blocks):
+            self.from_col = from_col.cpu().long()
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block i >= start: keys / values [B, h, T, hd]
 
     def __call__(self, rows: torch.Tensor, edit: tuple[nn.Module, Callable] | None = None) -> Readout:
         dev = next(self.model.parameters()).device
         rows = rows.cpu()
         one = self.reference or not self.right
-        groups = [torch.arange(len(rows))] if one else length_groups(self.lengths[rows])
-        parts = []
+        groups = [torch.arange(len(rows))] if one else length_groups(self._lengths(rows))
+        parts, offsets = [], []
         for sub in groups:
+            here = rows[sub]
+            suffix = (suffix_geometry(self.lengths[here], self.from_col[here])
+                      if self.from_col is not None and bool(self.has[here].all()) else None)
             with ExitStack() as stack:
                 if edit is not None:
                     module, fn = edit
                     sub_dev = sub.to(dev)
-                    stack.enter_context(rewrite_output(module, lambda h, s=sub_dev: fn(h, s)))
-                parts.append(self._forward(rows[sub], dev))
-        return Readout(parts, groups, None if self.reference else self.head)
+                    wrapped = (lambda h, s=sub_dev: fn(h, s)) if suffix is None else _in_row_columns(fn, sub_dev, suffix)
+                    stack.enter_context(rewrite_output(module, wrapped))
+                parts.append(self._forward(here, dev, suffix))
+            offsets.append(None if suffix is None else suffix.off)
+        return Readout(parts, groups, None if self.reference else self.head, offsets)
 
-    def _forward(self, rows: torch.Tensor, dev) -> torch.Tensor:
+    def _lengths(self, rows: torch.Tensor) -> torch.Tensor:
+        """The lengths the rows will be computed at: from ``from_col`` on where their prefix is kept."""
+        if self.from_col is None:
+            return self.lengths[rows]
+        kept = self.has[rows]
+        off = torch.minimum(self.from_col[rows], self.lengths[rows] - 1).clamp(min=0)
+        return torch.where(kept, self.lengths[rows] - off, self.lengths[rows])
+
+    def _forward(self, rows: torch.Tensor, dev, suffix: _Suffix | None = None) -> torch.Tensor:
         """The logits (reference) or the final hidden states (after the final norm) of ``rows``, trimmed to their
-        longest real length."""
+        longest real length (from ``suffix.off`` on, for a suffix-only forward)."""
         width = int(self.lengths[rows].max()) if self.right else self.mask.shape[1]
         ids = self.ids[rows.to(self.ids.device), :width].to(dev)
         mask = self.mask[rows.to(self.mask.device), :width].to(dev)
         if self.reference:
             return self.model(input_ids=ids, attention_mask=mask).logits
 
-        def run():  # the decoder stack with its final norm: the LM head is applied later, where read
-            return self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        def run(**extra):  # the decoder stack with its final norm: the LM head is applied later, where read
+            extra.setdefault("use_cache", False)
+            return self.model.base_model(input_ids=ids, attention_mask=mask, **extra)
         if not self.blocks:  # start = 0: only the embeddings lie below, nothing to keep
-            return run()
+            return run().last_hidden_state
+        if suffix is not None:
+            return self._suffix_forward(rows, dev, suffix)
         if bool(self.has[rows].all()):
             h = self.kept[rows.to(self.kept.device), :width]
             with _skipping(self.blocks, h if self.template is None else replace_block_hidden(self.template, h)):
-                return run()
+                return run().last_hidden_state
         store: dict = {}
         with _keeping_output(self.blocks[-1], store):
-            out = run()
+            out = run(use_cache=self.from_col is not None)
         h = store["h"]
         if self.kept is None:
             self.kept = torch.zeros(*self.ids.shape, h.shape[-1], dtype=h.dtype, device=h.device)
         self.kept[rows.to(h.device), :width] = h
+        if self.from_col is not None:  # the keys and values of blocks start … N − 1 (only columns < from_col are used)
+            for i in range(self.start, self.n_blocks):
+                layer = out.cache.layers[i]
+                if i not in self.kv:
+                    shape = (len(self.ids), layer.keys.shape[1], self.ids.shape[1], layer.keys.shape[3])
+                    self.kv[i] = (layer.keys.new_zeros(shape), layer.values.new_zeros(*shape[:3], layer.values.shape[3]))
+                self.kv[i][0][rows.to(h.device), :, :width] = layer.keys.detach()
+                self.kv[i][1][rows.to(h.device), :, :width] = layer.values.detach()
         self.has[rows] = True
         self.template = store["template"]
-        return out
+        return out.last_hidden_state
+
+    def _suffix_forward(self, rows: torch.Tensor, dev, sx: _Suffix) -> torch.Tensor:
+        """Columns ``sx.off`` … end of ``rows`` only, on the kept states of block start − 1 and the kept keys / values of
+        the columns before (:class:`_Suffix`)."""
+        r = rows.to(self.ids.device)
+        ids = self.ids[r[:, None], sx.cols].to(dev)
+        kd = self.kept.device
+        h = self.kept[rows.to(kd)[:, None], sx.cols.to(kd)]
+        mask = torch.cat([sx.prefix, sx.valid], 1).long().to(dev)
+        position_ids = sx.cols.to(dev)  # a padded column repeats its row's last position; it is masked out
+        cache = _kept_cache(self.model, self.kv, rows.to(kd), sx.prefix.shape[1], self.start)
+        with _skipping(self.blocks, h if self.template is None else replace_block_hidden(self.template, h)):
+            return self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+                                         use_cache=True).last_hidden_state
+
+
+def _in_row_columns(fn: Callable, sub: torch.Tensor, sx: _Suffix) -> Callable:
+    """``fn`` of an edit, which addresses the row's own columns, applied to a suffix-only forward's output ``h``
+    ([n, S, d]): h is placed at its columns of a zero ``[n, width, d]``, ``fn`` runs there, and its result is read
+    back at the same columns (differentiable both ways)."""
+    def wrapped(h: torch.Tensor) -> torch.Tensor:
+        dev = h.device
+        cols, valid = sx.cols.to(dev), sx.valid.to(dev)
+        r, j = valid.nonzero(as_tuple=True)
+        full = h.new_zeros(h.shape[0], sx.width, h.shape[2]).index_put((r, cols[r, j]), h[r, j])
+        out = fn(full, sub)
+        return out[torch.arange(h.shape[0], device=dev)[:, None], cols]
+    return wrapped

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers as T
 
+from lit_edit.hooks import rewrite_output
 from lit_edit.layouts import block_module, edited_module, get_layout, weight_shape
 from lit_edit.metake import MetaKEConfig, MetaObjective, proxy_fidelity
 from lit_edit.muke import WindowConfig, WindowedSequence, optimise_windows, split_windows
@@ -76,6 +77,54 @@ def test_row_forward_reads_the_models_own_logits(name, start, side):
         assert seen[0] < seen[1] < seen[2]
     else:
         assert seen[0] > 0 and seen[1] == seen[2] == seen[0]
+
+
+@pytest.mark.parametrize("start", [1, 2])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_from_col_forward_computes_only_the_changing_columns_and_reads_the_models_own_logits(name, start):
+    """With ``from_col`` (§2.10), a row's forwards after its first compute only its columns from ``from_col`` on, on
+    the kept keys and values of the columns before; with an edit that adds a vector at ``from_col`` of block
+    start − 1's output, the logits at every column from there on equal the plain forward with the same edit, for any
+    subset of rows in any order; reading a column before ``from_col`` raises."""
+    model = family_model(name, 100)
+    layout = get_layout(model)
+    lengths = torch.tensor([9, 4, 7, 1, 9, 5])
+    from_col = torch.tensor([3, 0, 6, 0, 8, 2])
+    mask = (torch.arange(9)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(1, 100, (6, 9), generator=torch.Generator().manual_seed(0)), 0)
+    block, d = block_module(model, layout, start - 1), model.config.hidden_size
+    push = torch.randn(6, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def add(rows):  # the edit: push[row] at the row's from_col of block start − 1's output
+        def fn(h, sub):
+            r = rows.to(h.device)[sub]
+            return h.index_put((torch.arange(len(sub)), from_col[r]), push[r], accumulate=True)
+        return fn
+
+    with torch.no_grad(), rewrite_output(block, lambda h: h.index_put((torch.arange(6), from_col), push,
+                                                                       accumulate=True)):
+        want = model(input_ids=ids, attention_mask=mask).logits
+    run = RowForward(model, layout, ids, mask, start, from_col=from_col)
+    computed = []
+    handle = block_module(model, layout, start).register_forward_pre_hook(
+        lambda _m, args, kwargs: computed.append(args[0].shape[0] * args[0].shape[1] if args else
+                                                  kwargs["hidden_states"].shape[0] * kwargs["hidden_states"].shape[1]),
+        with_kwargs=True)
+    try:
+        for rows in (torch.tensor([4, 0, 2, 1, 3, 5]), torch.tensor([1, 2]), torch.tensor([5, 4, 0, 3])):
+            computed.clear()
+            with torch.no_grad():
+                out = run(rows, (block, add(rows)))
+            r, c = mask[rows].nonzero(as_tuple=True)
+            later = c >= from_col[rows][r]
+            torch.testing.assert_close(out.at(r[later], c[later]), want[rows][r[later], c[later]], rtol=1e-10,
+                                       atol=1e-10)
+            if len(computed) and rows.tolist() != [4, 0, 2, 1, 3, 5]:  # after the first: the changing columns only
+                assert sum(computed) < int(lengths[rows].sum())
+        with pytest.raises(ValueError, match="from_col"):
+            out.at(torch.tensor([0]), torch.tensor([int(from_col[5]) - 1]))
+    finally:
+        handle.remove()
 
 
 def test_length_groups_are_the_cheapest_partition():
