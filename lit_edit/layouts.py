@@ -134,10 +134,11 @@ class LogitHead(nn.Module):
         return logits
 
 
-def logit_head(model: nn.Module, layout: ModelLayout) -> LogitHead:
-    """:class:`LogitHead` of ``model``."""
+def logit_head(model: nn.Module, layout: ModelLayout | None = None) -> LogitHead:
+    """:class:`LogitHead` of ``model``: the layout's ``lm_head``, or the model's output embeddings without a layout."""
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return LogitHead(_module(model, "lm_head", layout.lm_head), softcap)
+    head = model.get_output_embeddings() if layout is None else _module(model, "lm_head", layout.lm_head)
+    return LogitHead(head, softcap)
 
 
 def _module(model: nn.Module, key: str, path: str) -> nn.Module:

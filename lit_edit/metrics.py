@@ -25,7 +25,9 @@ import warnings
 
 import torch
 from torchmetrics import MeanMetric, MetricCollection
+from transformers import DynamicCache, PreTrainedModel
 
+from lit_edit.layouts import logit_head
 from lit_edit.requests import EditRequest
 from lit_edit.tokens import bos_ids, encode, pad_batch, pad_id, target_ids
 
@@ -66,7 +68,63 @@ def scored_prefix(tok, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def score_targets(model, tok, prompts: list[str], targets: list[str], chunk: int = 64):
-    """For each (prompt, target): mean per-token NLL of the target and whether every target token is the argmax."""
+    """For each (prompt, target): mean per-token NLL of the target and the share of its tokens that are the argmax.
+
+    Each distinct prompt of a chunk runs once and keeps its keys and values (the model's own cache, as in
+    generation); every target of it continues from them, and the LM head runs only where a target token is predicted
+    (the prompt's last position and the target's own positions but its last). CounterFact scores each prompt against
+    two targets of one or two tokens, so this computes about half the tokens of one forward per (prompt, target) and a
+    small part of the logits; the values are the same (:func:`score_targets_whole`, tests/test_cf_metrics.py). A model
+    whose sliding window is shorter than a sequence (its cache keeps only the window), or that is not a transformers
+    model (no cache to continue from), is scored whole."""
+    seqs = [(tuple(scored_prefix(tok, p)), target_ids(tok, t)) for p, t in zip(prompts, targets)]
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if not isinstance(model, PreTrainedModel) or (
+            isinstance(window, int) and max((len(p) + len(t) for p, t in seqs), default=0) > window):
+        return score_targets_whole(model, tok, prompts, targets, chunk)
+    dev = next(model.parameters()).device
+    head, pad = logit_head(model), pad_id(tok)
+    of_prompt: dict[tuple, list[int]] = {}
+    for i, (p, _) in enumerate(seqs):
+        of_prompt.setdefault(p, []).append(i)
+    distinct = list(of_prompt)
+    nll, top1 = [0.0] * len(seqs), [0.0] * len(seqs)
+    for c in range(0, len(distinct), chunk):
+        here = distinct[c : c + chunk]
+        ids, mask = pad_batch([list(p) for p in here], pad)
+        ids, mask = ids.to(dev), mask.to(dev)
+        out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
+        ends = mask.sum(1) - 1
+        first = torch.log_softmax(head(out.last_hidden_state[torch.arange(len(here), device=dev), ends]).float(), -1)
+        pairs = [(k, i) for k, p in enumerate(here) for i in of_prompt[p]]
+        logp = {i: [first[k]] for k, i in pairs}  # per pair: log-probabilities at each target position
+        longer = [(k, i) for k, i in pairs if len(seqs[i][1]) > 1]
+        if longer:  # the targets' tokens but the last, after their prompt's kept keys and values
+            rows = torch.tensor([k for k, _ in longer], device=dev)
+            cont, cmask = pad_batch([seqs[i][1][:-1] for _, i in longer], pad)
+            cont, cmask = cont.to(dev), cmask.to(dev)
+            cache = DynamicCache(config=model.config)
+            for layer_idx, layer in enumerate(out.cache.layers):
+                cache.update(layer.keys[rows], layer.values[rows], layer_idx)
+            position_ids = ends[rows][:, None] + 1 + torch.arange(cont.shape[1], device=dev)
+            h = model.base_model(input_ids=cont, attention_mask=torch.cat([mask[rows], cmask], 1),
+                                 position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+            r, j = cmask.nonzero(as_tuple=True)
+            read = torch.log_softmax(head(h[r, j]).float(), -1)
+            for (_, i), x in zip([longer[int(b)] for b in r], read):
+                logp[i].append(x)
+        for i, rows_lp in logp.items():
+            lp = torch.stack(rows_lp)
+            t = torch.tensor(seqs[i][1], device=dev)
+            nll[i] = -lp.gather(1, t[:, None]).mean().item()
+            top1[i] = (lp.argmax(-1) == t).float().mean().item()
+    return nll, top1
+
+
+@torch.no_grad()
+def score_targets_whole(model, tok, prompts: list[str], targets: list[str], chunk: int = 64):
+    """:func:`score_targets` as one plain forward of prompt + target per pair with the logits of every position (the
+    reference code's way): the fallback past a sliding window, and the reference of the tests."""
     dev = next(model.parameters()).device
     nll, top1 = [], []
     for c in range(0, len(prompts), chunk):

@@ -16,10 +16,11 @@ from lit_edit.cf_metrics import (References, ReferenceFileError, Tfidf, fluency,
 from lit_edit.data import read_counterfact
 from lit_edit.generation import _greedy_loop, generate_ids
 from lit_edit.methods import MetaKE, ProbabilityEvaluator, VStar
-from lit_edit.metrics import record_scores
+from lit_edit.metrics import record_scores, score_targets, score_targets_whole
 from lit_edit.requests import EditRequest, EditRequestError
 from lit_edit.tokens import bos_ids, encode, target_ids
 from tests.helpers import shared_file, tiny_tokenizer
+from tests.test_layouts import CONFIGS
 from tests.test_unstructured import _chaotic_gpt2
 
 
@@ -44,6 +45,27 @@ def fixed_lm(tok, assigned: dict[int, float]) -> FixedLM:
     for i, p in assigned.items():
         probs[i] = p
     return FixedLM(probs)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_scoring_from_the_kept_prompt_equals_one_forward_per_pair(name):
+    """:func:`score_targets` runs each distinct prompt once and continues every target from its kept keys and values,
+    with the LM head only where a target token is predicted: the same NLL and top-1 as one plain forward of
+    prompt + target per pair, on every family (float64), for one- and multi-token targets, shared and single prompts,
+    across chunk boundaries."""
+    from tests.test_truncated import family_model
+
+    tok = tiny_tokenizer()
+    model = family_model(name, len(tok))
+    prompts = ["The city is calm and", "Because the weather was good the", "The city is calm and", "I", "I",
+               "Because the weather was good the"]
+    targets = [" calm", " weather was good", " city is", " the", " calm and the city", " good"]
+    assert min(len(target_ids(tok, t)) for t in targets) == 1 < max(len(target_ids(tok, t)) for t in targets)
+    for chunk in (64, 1):
+        got, want = score_targets(model, tok, prompts, targets, chunk), score_targets_whole(model, tok, prompts,
+                                                                                           targets, chunk)
+        assert got[0] == pytest.approx(want[0], rel=1e-9, abs=1e-12) and got[1] == want[1]
+    assert len(set(got[0])) == len(targets)  # every pair has its own score
 
 
 def test_magnitudes_by_hand():

@@ -134,9 +134,19 @@ def _words(tok, n_tokens: int, target: str) -> str:
     return prompt
 
 
+def whole(model, tok, requests):
+    """Every pair of ``requests`` scored the reference code's way (prompt + whole target in one forward), which is the
+    length the structured check guards; :func:`~lit_edit.metrics.score_targets` never feeds a target's last token, so
+    it would need one position less."""
+    from lit_edit.metrics import score_targets_whole, scored_pairs
+
+    pairs = [(p, t) for r in requests for _, _, _, p, t in scored_pairs(r)]
+    return score_targets_whole(model, tok, [p for p, _ in pairs], [t for _, t in pairs])
+
+
 def test_structured_check_is_exactly_the_scorers_limit():
     """A paraphrase whose scored sequence is exactly the context passes and scores; one token more is refused
-    with case id, field and both lengths, and is exactly what makes the scorer fail."""
+    with case id, field and both lengths, and is exactly what makes the reference-style scorer fail."""
     from lit_edit.data import check_structured_length
     from lit_edit.metrics import record_scores
 
@@ -154,8 +164,8 @@ def test_structured_check_is_exactly_the_scorers_limit():
         check_structured_length(req, tok, model)
     assert (err.value.case_id, err.value.field) == (7, "paraphrase_prompts[1]")
     assert "+ target_true" in str(err.value) and "= 65 tokens" in str(err.value) and "context is 64" in str(err.value)
-    with pytest.raises(IndexError):  # what the check stands in front of
-        record_scores(model, tok, [req])
+    with pytest.raises(IndexError):  # what the check stands in front of: one forward of prompt + target per pair
+        whole(model, tok, [req])
 
 
 def test_structured_check_covers_neighbourhood_prompts_and_skips_removals():
@@ -188,7 +198,7 @@ def test_zsre_locality_prompt_too_long_for_world_tiny(tiny_world, caplog):
     assert err.value.field == "neighborhood_prompts[0]" and "neighborhood_targets[0]" in str(err.value)
     (bad,) = [r for r in requests if r.case_id == err.value.case_id]
     with pytest.raises(IndexError):
-        record_scores(model, tok, [bad])
+        whole(model, tok, [bad])
     with caplog.at_level(logging.WARNING, logger="lit_edit.data"):
         kept = check_structured_lengths(requests, tok, model, on_invalid="skip")
     assert bad not in kept and len(kept) < len(requests)
