@@ -63,6 +63,16 @@ def samples_markdown(requests: list, pre: list[str], now: list[str]) -> str:
     return "\n".join(lines)
 
 
+def samples_text(requests: list, pre: list[str], now: list[str]) -> str:
+    """The samples as the end of a run prints them: each prompt with its targets, the unedited model's greedy
+    continuation and the edited model's."""
+    lines = ["samples (greedy continuations of the first edited prompts):"]
+    for r, a, b in zip(requests, pre, now):
+        prompt, new, old = sample_prompt(r)
+        lines += [f"  {prompt!r}  (new target {new!r}, old {old!r})", f"    before: {a!r}", f"    after:  {b!r}"]
+    return "\n".join(lines)
+
+
 def retention_row(per_record: dict, edit_step: dict, n_steps: int, key: str) -> list[float | None]:
     """Mean ``key`` of the live edits of each edit step 1..n_steps (None where a step has none)."""
     sums, counts = [0.0] * n_steps, [0] * n_steps

@@ -44,6 +44,7 @@ class RunRecord(L.Callback):
 
     def __init__(self, n_samples: int = 3, sample_tokens: int = 12) -> None:
         self.n_samples, self.sample_tokens = n_samples, sample_tokens
+        self.sample_now: tuple[int, list[str]] | None = None  # (step, the samples' continuations at that step)
         self.samples: list = []  # case ids of the fixed sample requests (the stream's first writes)
         self.sample_pre: list[str] = []  # their pre-edit continuations
         self.edit_step: dict = {}  # case_id -> the step that applied it (the heat map's columns)
@@ -257,6 +258,7 @@ class RunRecord(L.Callback):
             return
         by_id = {r.case_id: r for r in m.requests}
         now = self._generate(m) if step else self.sample_pre
+        self.sample_now = (step, now)
         tb.add_text("samples", board.samples_markdown([by_id[i] for i in self.samples], self.sample_pre, now), step)
 
     @staticmethod
@@ -298,6 +300,9 @@ class RunRecord(L.Callback):
         self.write_scalars(trainer, m, {f"final/{k}": v for k, v in numbers.items()}, step)
         if not trainer.testing and (step % max(m.eval_every_n_steps, 1) or not m.eval_every_n_steps):
             self._log_samples(trainer, m, step)
+        if not trainer.testing and self.sample_now is not None and self.sample_now[0] == step and step:
+            by_id = {r.case_id: r for r in m.requests}
+            print(board.samples_text([by_id[i] for i in self.samples], self.sample_pre, self.sample_now[1]))
         if m.logger is not None:  # the run's settings with the final metrics (TensorBoard's HPARAMS tab)
             board.log_hparams(m.logger, board.hparams_table(m),
                               {f"hp/{k}": v for k, v in numbers.items() if not k.startswith("pre.")}, step)

@@ -1,6 +1,8 @@
 """What a run reports: one TensorBoard step axis shared with the ledger (0 = the unedited model), the
 TensorBoard extras, a self-describing metrics.json in one unit, the three protocols, and `train.py test`
 scoring the unedited model and a checkpoint exactly as the fit did."""
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -34,8 +36,27 @@ def events(run_dir: Path) -> EventAccumulator:
 @pytest.fixture(scope="module")
 def fitted(tiny_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    cli = run("fit", tmp, "--model.eval_every_n_steps", "1", "--trainer.callbacks", CKPT)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        cli = run("fit", tmp, "--model.eval_every_n_steps", "1", "--trainer.callbacks", CKPT)
+    (tmp / "stdout.txt").write_text(printed.getvalue())
     return cli, Path(cli.trainer.log_dir), tmp
+
+
+def test_the_end_of_a_fit_prints_the_samples_before_and_after(fitted):
+    """After the final table, the fixed samples' prompts with the unedited and the edited model's greedy
+    continuations: the same texts TensorBoard's samples table shows at the last step."""
+    cli, run_dir, tmp = fitted
+    out = (tmp / "stdout.txt").read_text()
+    block = out[out.index("samples (greedy continuations"):].splitlines()
+    cb = next(c for c in cli.trainer.callbacks if getattr(c, "sample_now", None) is not None)
+    step, now = cb.sample_now
+    assert step == 3 and len(cb.samples) == 3 and len(block) >= 1 + 3 * 3
+    requests = {r.case_id: r for r in cli.model.requests}
+    for k, (case, before, after) in enumerate(zip(cb.samples, cb.sample_pre, now)):
+        assert repr(requests[case].filled_prompt) in block[1 + 3 * k]
+        assert block[2 + 3 * k].strip() == f"before: {before!r}" and block[3 + 3 * k].strip() == f"after:  {after!r}"
+    assert now != cb.sample_pre  # the edits changed at least one continuation
 
 
 def test_tensorboard_step_axis_is_the_ledgers_and_starts_at_the_unedited_model(fitted):
