@@ -18,7 +18,7 @@ The edit loop is the run's targets + write + batch scores; ``edits_per_min`` = n
 clock of whatever machine runs it: compare ratios within one run.
 
     python benchmarks/real_model.py [--config configs/smollm2-135m/alphaedit_counterfact.yaml] [--n 100]
-        [--baseline-n 4] [--full-eval] [--out DIR]
+        [--baseline-n 4] [--full-eval] [--out DIR] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -45,10 +45,23 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-def fit(config: str, n: int, out: Path, full_eval: bool) -> tuple[Path, float]:
+def overrides(sets: list[str]) -> list[tuple[str, str]]:
+    """``--set KEY=VALUE`` pairs (KEY as on the command line of ``train.py``, e.g. ``model.model``)."""
+    pairs = []
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.model=world:tiny")
+        pairs.append((key, value))
+    return pairs
+
+
+def fit(config: str, n: int, out: Path, full_eval: bool, sets: list[tuple[str, str]] = ()) -> tuple[Path, float]:
     """Run ``train.py fit`` on the config's first ``n`` records; the run folder and the wall time of the command."""
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--data.limit", str(n),
            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "bench"]
+    for key, value in sets:
+        cmd += [f"--{key}", value]
     if not full_eval:
         cmd += ["--model.method.init_args.evaluator.fluency", "false",
                 "--model.method.init_args.evaluator.free_generation", "false"]
@@ -59,9 +72,10 @@ def fit(config: str, n: int, out: Path, full_eval: bool) -> tuple[Path, float]:
     return run_dir, wall
 
 
-def baseline(config: str, n_base: int) -> dict:
+def baseline(config: str, n_base: int, sets: list[tuple[str, str]] = ()) -> dict:
     """The per-request loop and the fast paths on the config's first ``n_base`` records, on the unedited model."""
     import torch
+    import yaml
 
     from lit_edit.cli import load_config  # the config as the CLI reads it (its base: chain expanded)
     from lit_edit.data import read_requests
@@ -71,12 +85,19 @@ def baseline(config: str, n_base: int) -> dict:
     from lit_edit.targets import compute_targets, compute_targets_reference
 
     cfg = load_config(ROOT / config)
+    for key, value in sets:  # as train.py reads them: a YAML value at a dotted path
+        *parents, last = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
     m, d = cfg["model"], cfg["data"]
     model, tok, _ = load_model(m["model"], m.get("dtype", "float32"))
     model.requires_grad_(False).eval()
     layout = get_layout(model)
     offset = d.get("offset") or 0
-    requests = read_requests(d.get("dataset", "counterfact"), str(ROOT / d["path"]), limit=n_base + offset)[offset:]
+    path = d["path"] if str(d["path"]).startswith("world") else str(ROOT / d["path"])
+    requests = read_requests(d.get("dataset", "counterfact"), path, limit=n_base + offset)[offset:]
     ctx = generate_context_templates(model, tok, m.get("context_templates", [[10, 5]]), m.get("context_seed", 0))
     tcfg = method_target_config(m["method"])
     layer = max(m["layers"])
@@ -114,11 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline-n", type=int, default=4, help="records of the per-request baseline")
     ap.add_argument("--full-eval", action="store_true", help="keep the config's generations in the pre / final scores")
     ap.add_argument("--out", default=None, help="where the run goes (default: a temporary folder)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the run and the baseline, as on train.py's command line (repeatable)")
     args = ap.parse_args(argv)
+    sets = overrides(args.set)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        run_dir, wall = fit(args.config, args.n, out, args.full_eval)
+        run_dir, wall = fit(args.config, args.n, out, args.full_eval, sets)
         scalars = read_scalars(run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
     steps = {k: sum(scalars.get(f"time/{k}_seconds", {}).values()) for k in STEP_KEYS}
@@ -126,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_steps = len(scalars.get("time/targets_seconds", {}))
     loop = sum(steps.values())
     n = int(metrics.get("n_edits", args.n))
-    base = baseline(args.config, args.baseline_n)
+    base = baseline(args.config, args.baseline_n, sets)
     per_edit_ours = loop / n
     per_edit_ref = (base["targets_ref_s"] + base["score_ref_s"]) / base["n"] + steps["write"] / n
     speedup = per_edit_ref / per_edit_ours

@@ -76,3 +76,16 @@ def test_longform_compare_keep_refuses_a_folder_with_an_earlier_run(bench, tmp_p
         lc.main()
     err = capsys.readouterr().err
     assert f"--keep {tmp_path}" in err and "anyedit_sequential" in err and "muke_sequential" not in err
+
+
+def test_real_model_benchmark_at_tiny_shapes(bench, tiny_world, capsys):
+    """benchmarks/real_model.py end to end on the tiny fact world: the run's phases are read back from its TensorBoard
+    events, the per-request baseline's v* agrees with the batched one, and the last line is the RESULT line."""
+    sets = ["model.model=world:tiny", "data.path=world:tiny", "model.layers=[0, 1]", "model.context_templates=[[10, 2]]",
+            "model.method.init_args.v_num_grad_steps=5", "data.batch_size=2", "trainer.enable_progress_bar=false"]
+    out = bench("real_model").main(["--config", "configs/world/alphaedit.yaml", "--n", "4", "--baseline-n", "2",
+                                    *[x for s in sets for x in ("--set", s)]])
+    assert out["n"] == 4 and out["targets_s"] > 0 and out["write_s"] > 0 and out["eval_s"] > 0
+    assert out["vstar_rel_diff"] <= 1e-4 and out["speedup"] > 0 and 0 <= out["efficacy"] <= 100
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT edits_per_min=") and " speedup=" in last and " eval_s=" in last
