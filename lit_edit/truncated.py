@@ -46,6 +46,7 @@ from lit_edit.layouts import (block_hidden, block_module, edited_module, logit_h
                               weight_shape)
 
 _REFERENCE = contextvars.ContextVar("lit_edit_reference_forward", default=False)
+_WHOLE_ROWS = contextvars.ContextVar("lit_edit_whole_rows", default=False)
 
 # An extra forward pass (one more length group) must save padding worth this fraction of the rows' real tokens: its
 # fixed cost (kernel launches, masks, the Python around a forward) is small against the blocks' work on a step's
@@ -62,6 +63,17 @@ def reference_forward():
         yield
     finally:
         _REFERENCE.reset(token)
+
+
+@contextmanager
+def whole_rows():
+    """Inside, every :class:`RowForward` created ignores ``from_col`` (every column of a row at every iteration): the
+    truncated forward without its causal saving, for benchmarks/real_model.py's comparison."""
+    token = _WHOLE_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_ROWS.reset(token)
 
 
 def truncating() -> bool:
@@ -279,7 +291,7 @@ class RowForward:
         # sliding window (a cache trimmed to the window would lose kept columns)
         self.from_col = None
         if (from_col is not None and not self.reference and self.right and within_window
-                and 0 < start < self.n_blocks):
+                and 0 < start < self.n_blocks and not _WHOLE_ROWS.get()):
             self.from_col = from_col.cpu().long()
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block i >= start: keys / values [B, h, T, hd]
 
