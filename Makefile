@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-real
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,6 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/edit_throughput.py
+
+bench-real: setup
+	$(BIN)/python benchmarks/real_model.py
