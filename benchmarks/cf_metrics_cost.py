@@ -1,7 +1,7 @@
 """What the CounterFact metrics cost per evaluation, on the unedited model: the probability metrics (always on),
 free-generation efficacy (on by default) and fluency + consistency (off by default). A run scores them twice,
 pre-edit and final (the per-batch and retention curves keep the probability metrics only); compare twice the
-generation columns with a run's time (``time python train.py fit --config configs/default.yaml --data.limit 40``).
+generation columns with a run's time (``time python train.py fit --config configs/world/alphaedit.yaml --data.limit 40``).
 
     python benchmarks/cf_metrics_cost.py                          # the default world, its first 40 records
     python benchmarks/cf_metrics_cost.py --model world:tiny --limit 20
