@@ -70,8 +70,9 @@ def test_real_models_know_the_facts(smollm2, gemma3):
 
 
 def test_truncated_forward_equals_the_full_forward_on_gemma3(gemma3):
-    """The inner loops' forward (blocks below ``start`` kept, LM head only where read, rows grouped by length) gives
-    the real Gemma 3's own logits: scaled embeddings, post-FFN norms, local layers and tied head included."""
+    """The inner loops' forward (blocks below ``start`` kept, LM head only where read, rows grouped by length, and
+    with ``from_col`` only the later columns on the kept keys and values) gives the real Gemma 3's own logits: scaled
+    embeddings, post-FFN norms, local and global layers and the tied head included."""
     from lit_edit.tokens import pad_batch, pad_id
     from lit_edit.truncated import RowForward
 
@@ -80,14 +81,15 @@ def test_truncated_forward_equals_the_full_forward_on_gemma3(gemma3):
                                           "Paris is")]
     ids, mask = pad_batch(seqs, pad_id(tok))
     layout = get_layout(model)
+    rows, last = torch.arange(len(seqs)), mask.sum(1) - 1
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
-        rf = RowForward(model, layout, ids, mask, start=5)
-        for _ in range(2):  # the second call skips blocks 0-4
-            out = rf(torch.arange(len(seqs)))
-            rows = torch.arange(len(seqs))
-            last = mask.sum(1) - 1
-            torch.testing.assert_close(out.at(rows, last), full[rows, last], atol=2e-4, rtol=1e-4)
+        for from_col in (None, last - 1):  # the second: later calls run the last two columns on the kept keys / values
+            rf = RowForward(model, layout, ids, mask, start=5, from_col=from_col)
+            for _ in range(2):  # the second call skips blocks 0-4
+                out = rf(rows)
+                torch.testing.assert_close(out.at(rows, last), full[rows, last], atol=2e-4, rtol=1e-4)
+            assert (rf.from_col is None) == (from_col is None)  # Gemma's local window (512) is longer than the rows
 
 
 def test_missing_package_names_the_setting_and_the_install_command(monkeypatch):
