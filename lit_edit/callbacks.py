@@ -309,8 +309,29 @@ class RunRecord(L.Callback):
         if not trainer.testing:
             self._draw_final(trainer, m, doc)
         if m.export_dir:  # whole: a temporary folder renamed over it (checked writable before the first edit)
-            runs.write_export(m.export_dir, lambda folder: (m.llm.save_pretrained(folder),
-                                                            m.tok.save_pretrained(folder)), self.run_dir)
+            runs.write_export(m.export_dir, lambda folder: self._export(m, Path(folder)), self.run_dir)
+
+    @staticmethod
+    def _export(m, folder: Path) -> None:
+        """The edited model into ``folder``: ``save_pretrained`` (model and tokenizer), or one GGUF file."""
+        if m.export_format == "safetensors":
+            m.llm.save_pretrained(folder)
+            m.tok.save_pretrained(folder)
+            return
+        from lit_edit import sources
+        from lit_edit.gguf_export import export_gguf
+
+        source = sources.gguf_file(m.model_name)
+        from lit_edit.layouts import edited_module
+
+        names = {id(p): n for n, p in m.llm.named_parameters()}
+        params = [edited_module(m.llm, m.layout, layer).weight for layer in m.layers]  # as stored: GGUF's orientation
+        weights = {names[id(w)]: w for w in params}
+        out = folder / f"{source.stem}.edited.{m.export_gguf_type}.gguf"
+        done = export_gguf(source, out, weights, m.export_gguf_type)
+        swapped = "; ".join(f"{k}: {v}" for k, v in sorted(done.substituted.items()))
+        print(f"lit_edit: GGUF export {Path(m.export_dir) / out.name} ({m.export_gguf_type}; edited tensors "
+              f"{', '.join(done.edited)}" + (f"; stored otherwise: {swapped}" if swapped else "") + ")")
 
     def _draw_final(self, trainer, m, doc: dict) -> None:
         """``retention.png`` and ``summary.png`` (the final table, the retention curve, drift and the heat map on

@@ -27,6 +27,7 @@ from lit_edit.layouts import edited_module, get_layout, get_weight
 from lit_edit.methods import Columns, Env, TargetMethod, VStar
 from lit_edit.data.lengths import fitting_requests
 from lit_edit.evaluation import LiveEdits, Scores
+from lit_edit.gguf_export import check_export
 from lit_edit.models import generate_context_templates, load_model
 from lit_edit.monitor import Monitor
 from lit_edit.progress import phase
@@ -109,6 +110,11 @@ class EditModule(L.LightningModule):
             temporary folder renamed over it). Checked before the first edit: it must be writable, and empty or this
             run's own earlier export (a resume's), unless ``export_replace``.
         export_replace: let the export replace a non-empty ``export_dir`` that holds something else.
+        export_format: ``safetensors`` (``save_pretrained``: the model and its tokenizer) or ``gguf`` (one GGUF file
+            built from the model's source GGUF, its metadata, tokenizer and chat template carried over:
+            lit_edit/gguf_export.py; a packaged model or a ``.gguf`` ``model.model`` only).
+        export_gguf_type: the GGUF export's tensor type: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, or ``source`` (the
+            source file's own types: unedited tensors keep their bytes).
         protocol: how the final metrics are taken (docs/metrics.md, "Protocols"): ``"sequential"`` (every live edit
             scored on the final model: AlphaEdit's, MEMIT's and OTE–SE's protocol), ``"immediate"`` (each batch scored
             right after its own write, edits kept) or ``"independent"`` (each batch written, scored, then the edited
@@ -120,6 +126,7 @@ class EditModule(L.LightningModule):
         allow_changed: settings (or prefixes, e.g. ``model.method``) that may differ from the checkpoint's on
             resume. A resume compares every setting that changes the result (:meth:`run_settings`) and stops before
             any edit on a difference not listed here. Always free to change: export_dir, export_replace,
+            export_format, export_gguf_type,
             eval_every_n_steps, eval_pre, sync_check_every_n_steps, trust_remote_code, allow_changed and the trainer's
             options.
     """
@@ -129,7 +136,8 @@ class EditModule(L.LightningModule):
                  layout: dict | None = None, dtype: str = "float32", context_templates: list[list[int]] = [[10, 5]],
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
                  export_dir: str | None = None, sync_check_every_n_steps: int = 1, protocol: str = "sequential",
-                 trust_remote_code: bool = False, allow_changed: list[str] = [], export_replace: bool = False) -> None:
+                 trust_remote_code: bool = False, allow_changed: list[str] = [], export_replace: bool = False,
+                 export_format: str = "safetensors", export_gguf_type: str = "F16") -> None:
         super().__init__()
         # hparams.yaml / TensorBoard: the run's settings as plain values (components are added below as dicts);
         # a resume compares run_settings(), stored in the checkpoint, not these
@@ -153,6 +161,8 @@ class EditModule(L.LightningModule):
         self.sync_check_every_n_steps, self.protocol = sync_check_every_n_steps, protocol
         self.trust_remote_code, self.allow_changed = trust_remote_code, list(allow_changed)
         self.export_replace = checks.boolean("model.export_replace", export_replace)
+        check_export(model, export_format, export_gguf_type)
+        self.export_format, self.export_gguf_type = export_format, export_gguf_type
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None

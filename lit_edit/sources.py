@@ -221,6 +221,16 @@ def resolve(name_or_path: str, dtype: str = "float32", trust_remote_code: bool =
     return name_or_path
 
 
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file ``model.model`` is read from (a packaged model's, or the ``.gguf`` path itself); None for a
+    folder, a hub id or the fact world."""
+    if name_or_path in PACKAGED:
+        return PACKAGED[name_or_path].locate()
+    if name_or_path.lower().endswith(".gguf"):
+        return Path(name_or_path).expanduser()
+    return None
+
+
 def hub_error(name: str, err: Exception) -> ModelSourceError:
     """transformers' OSError for a hub id it could not fetch, with the setting, the id and the other choices."""
     return ModelSourceError(

@@ -121,7 +121,9 @@ def test_bad_sources_are_named(tmp_path, monkeypatch):
                     reason="needs ../shared/data/counterfact_sample.json beside the checkout")
 def test_smollm2_round_trip_edits_land_and_unrelated_answers_stay(tmp_path):
     """A real edit of a real model through the whole loop (C0 from the model's own samples, v*, AlphaEdit): efficacy
-    rises on the edited prompts, and prompts about other facts keep their greedy answers."""
+    rises on the edited prompts, and prompts about other facts keep their greedy answers. The run exports the edited
+    model as one F32 GGUF file (``model.export_format gguf``), which transformers' GGUF reader loads back as the edited
+    model, to 1e-6."""
     import json
 
     from lit_edit import Editor
@@ -141,6 +143,7 @@ def test_smollm2_round_trip_edits_land_and_unrelated_answers_stay(tmp_path):
                     method=VStar(v_num_grad_steps=15, v_lr=0.5, clamp_norm_factor=0.75, kl_factor=0.0625,
                                  v_weight_decay=0.5),
                     stats=StatsConfig(dataset="self", n_samples=48, sample_length=48, max_length=64),
+                    export_dir=str(tmp_path / "export"), export_format="gguf", export_gguf_type="F32",
                     trainer={"enable_progress_bar": False})
     model_before, tok, _ = __import__("lit_edit.models", fromlist=["load_model"]).load_model("smollm2-135m-instruct")
     before = [greedy(model_before, tok, p, 2) for p in unrelated]
@@ -149,6 +152,15 @@ def test_smollm2_round_trip_edits_land_and_unrelated_answers_stay(tmp_path):
     assert m["n_edits"] == 4 and m["efficacy"] > m["pre.efficacy"] and m["efficacy"] >= 75
     after = [greedy(result.model, result.tokenizer, p, 2) for p in unrelated]
     assert sum(a == b for a, b in zip(after, before)) >= 4, list(zip(before, after))
+    from transformers import AutoModelForCausalLM
+
+    [exported] = list((tmp_path / "export").glob("*.gguf"))
+    assert exported.name == "SmolLM2-135M-Instruct.Q4_1.edited.F32.gguf"
+    back = AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name, dtype=torch.float32)
+    ids = tok([r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) for r in records],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**ids).logits, result.model(**ids).logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.skipif(not (SHARED / "counterfact_sample.json").is_file(),

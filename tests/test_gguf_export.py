@@ -1,0 +1,93 @@
+"""The GGUF export (lit_edit/gguf_export.py) of an edited real model, SmolLM2-135M-Instruct from its packaged Q4_1 GGUF:
+the file reloads through transformers' GGUF reader and gives the edited float model's logits (F32 to 1e-6, F16 within
+F16 rounding); only the edited tensor differs from the unedited export; ``source`` keeps every other tensor's bytes;
+bad input is named before anything is written."""
+import pytest
+import torch
+
+from lit_edit import sources
+from lit_edit.gguf_export import GGUFExportError, check_export, check_type, export_gguf, gguf_names
+from tests.conftest import REPO_ROOT
+
+EDITED = "model.layers.5.mlp.down_proj.weight"
+PROMPTS = ["Danielle Darrieux's mother tongue is", "Toyota is a company from"]
+
+
+@pytest.fixture(scope="module")
+def edited():
+    """SmolLM2 (from the test cache) with a random change of layer 5's down_proj as large as an edit's, and its GGUF."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LIT_EDIT_CACHE", str(REPO_ROOT / "data" / "cache"))
+    from lit_edit.models import load_model
+
+    model, tok, _ = load_model("smollm2-135m-instruct")
+    model.requires_grad_(False).eval()
+    W = model.get_parameter(EDITED)
+    g = torch.Generator().manual_seed(0)
+    W += 0.05 * W.norm() / W.numel() ** 0.5 * torch.randn(W.shape, generator=g)
+    yield model, tok, sources.PACKAGED["smollm2-135m-instruct"].locate()
+    mp.undo()
+
+
+def reload(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def logits(model, tok):
+    ids = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_f32_and_f16_exports_reload_as_the_edited_model(edited, tmp_path):
+    model, tok, source = edited
+    want = logits(model, tok)
+    weights = {EDITED: model.get_parameter(EDITED)}
+    f32 = export_gguf(source, tmp_path / "f32.gguf", weights, "F32")
+    assert f32.edited == ["blk.5.ffn_down.weight"] and set(f32.types.values()) == {"F32"}
+    torch.testing.assert_close(logits(reload(f32.path), tok), want, rtol=0, atol=1e-6)
+    f16 = export_gguf(source, tmp_path / "f16.gguf", weights, "F16")
+    got = logits(reload(f16.path), tok)
+    # F16 keeps 11 significant bits of every weight: the logits move by a few thousandths, not more
+    assert (got - want).abs().max() < 0.05 and not torch.equal(got, want)
+    assert f16.types["blk.5.attn_norm.weight"] == "F32" and f16.types["blk.5.ffn_down.weight"] == "F16"
+
+
+def test_only_the_edited_tensor_differs_and_source_keeps_the_other_bytes(edited, tmp_path):
+    import gguf
+
+    model, tok, source = edited
+    plain = export_gguf(source, tmp_path / "plain.gguf", {}, "F32")
+    edit = export_gguf(source, tmp_path / "edit.gguf", {EDITED: model.get_parameter(EDITED)}, "F32")
+    a, b = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (plain.path, edit.path))
+    differ = [n for n in a if not (a[n].data == b[n].data).all()]
+    assert differ == ["blk.5.ffn_down.weight"]
+    src = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    kept = export_gguf(source, tmp_path / "q.gguf", {EDITED: model.get_parameter(EDITED)}, "source")
+    q = {t.name: t for t in gguf.GGUFReader(kept.path).tensors}
+    assert kept.types["blk.5.ffn_down.weight"] == "Q4_1" and not kept.substituted
+    for name, t in src.items():
+        same = t.data.tobytes() == q[name].data.tobytes()
+        assert same == (name != "blk.5.ffn_down.weight"), name
+    meta = gguf.GGUFReader(kept.path).fields
+    assert meta["tokenizer.chat_template"].contents() == gguf.GGUFReader(source).fields["tokenizer.chat_template"].contents()
+
+
+def test_bad_exports_are_named_before_anything_is_written(edited, tmp_path):
+    model, _, source = edited
+    with pytest.raises(GGUFExportError, match="model.export_gguf_type 'Q4_K_M' is not a GGUF export type"):
+        check_type("Q4_K_M")
+    with pytest.raises(GGUFExportError, match="model.model 'world' is not read from one"):
+        check_export("world", "gguf", "source")
+    with pytest.raises(GGUFExportError, match="model.export_format 'onnx' is not one of safetensors, gguf"):
+        check_export("smollm2-135m-instruct", "onnx", "F16")
+    check_export("smollm2-135m-instruct", "gguf", "source") and check_export("/m/x.gguf", "gguf", "Q8_0")
+    with pytest.raises(GGUFExportError, match="not one"):
+        export_gguf(tmp_path / "model.safetensors", tmp_path / "x.gguf", {}, "F16")
+    with pytest.raises(GGUFExportError, match="no tensor in the file"):
+        gguf_names(source, ["model.layers.99.mlp.down_proj.weight"])
+    with pytest.raises(GGUFExportError, match="writing the GGUF export"):
+        export_gguf(source, tmp_path / "missing" / "x.gguf", {}, "F32")
+    assert not list(tmp_path.rglob("*.gguf*"))
