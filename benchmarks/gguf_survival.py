@@ -1,0 +1,105 @@
+"""Does an edit survive GGUF quantisation? The records of an edit run scored on the edited float model and on its GGUF
+exports of each type, each loaded back through transformers' GGUF reader as a user's runtime would read the file.
+
+Input: the F32 GGUF export of an edit run (``--model.export_dir DIR --model.export_format gguf
+--model.export_gguf_type F32``), which is the edited float model (to 1e-6, tests/test_real_models.py), the run's
+config (its model, layers and records). For each type the edited matrices of that model are written into the source
+GGUF (lit_edit/gguf_export.py: ``source`` keeps every unedited tensor's bytes), the file is loaded back, and the
+run's records are scored (efficacy, generalization, specificity and magnitudes; no generations). Also: how many
+records keep their float efficacy outcome per type, and the unedited source file's scores.
+
+    python benchmarks/gguf_survival.py --export DIR/…F32.gguf --config configs/smollm2-135m/memit_counterfact.yaml
+        [--limit 100] [--types F16 Q8_0 Q4_1 Q4_0 source]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("efficacy", "generalization", "specificity", "efficacy_magnitude", "generalization_magnitude",
+        "specificity_magnitude")
+
+
+def load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval().requires_grad_(False)
+
+
+def scores(model, tok, requests) -> list[dict]:
+    from lit_edit.metrics import record_scores
+
+    return record_scores(model, tok, requests)
+
+
+def mean(per: list[dict]) -> dict:
+    return {k: 100 * sum(p[k] for p in per if k in p) / max(1, sum(k in p for p in per)) for k in KEYS}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--export", required=True, help="the run's F32 GGUF export (the edited float model)")
+    ap.add_argument("--config", required=True, help="the run's config (model.model, model.layers, data.*)")
+    ap.add_argument("--limit", type=int, default=None, help="the run's data.limit, if given on its command line")
+    ap.add_argument("--offset", type=int, default=None, help="the run's data.offset, if given on its command line")
+    ap.add_argument("--types", nargs="+", default=["F16", "Q8_0", "Q4_1", "Q4_0", "source"])
+    args = ap.parse_args(argv)
+
+    from lit_edit import sources
+    from lit_edit.cli import load_config
+    from lit_edit.data import read_requests
+    from lit_edit.gguf_export import export_gguf
+    from lit_edit.layouts import edited_module, get_layout
+    from lit_edit.models import load_model
+
+    cfg = load_config(ROOT / args.config)
+    m, d = cfg["model"], cfg["data"]
+    offset = args.offset if args.offset is not None else (d.get("offset") or 0)
+    limit = args.limit if args.limit is not None else d.get("limit")
+    requests = read_requests(d.get("dataset", "counterfact"), str(ROOT / d["path"]), limit=offset + limit)[offset:]
+    source = sources.gguf_file(m["model"])
+    _, tok, _ = load_model(m["model"])
+    edited = load_gguf(Path(args.export))
+    layout = get_layout(edited)
+    names = {id(p): n for n, p in edited.named_parameters()}
+    weights = {names[id(edited_module(edited, layout, l).weight)]: edited_module(edited, layout, l).weight
+               for l in m["layers"]}
+
+    rows = {}
+    start = time.perf_counter()
+    float_per = scores(edited, tok, requests)
+    rows["float (the F32 export)"] = (mean(float_per), len(requests), "")
+    del edited
+    with tempfile.TemporaryDirectory() as tmp:
+        unedited = load_gguf(source)
+        rows["unedited source"] = (mean(scores(unedited, tok, requests)), None, "")
+        del unedited
+        for qtype in args.types:
+            out = export_gguf(source, Path(tmp) / f"{qtype}.gguf", weights, qtype)
+            model = load_gguf(out.path)
+            per = scores(model, tok, requests)
+            kept = sum(a.get("efficacy") == b.get("efficacy") for a, b in zip(per, float_per))
+            note = "; ".join(f"{k}: {v}" for k, v in sorted(out.substituted.items()))
+            stored = sorted({out.types[n] for n in out.edited})
+            rows[f"{qtype} (edited tensors {', '.join(stored)})"] = (mean(per), kept, note)
+            del model
+            (Path(tmp) / f"{qtype}.gguf").unlink()
+    print(f"{len(requests)} records of {args.config} (offset {offset}); {time.perf_counter() - start:.0f} s")
+    print("| file | " + " | ".join(KEYS) + " | records with the float efficacy outcome | substituted |")
+    print("|---|" + "---|" * (len(KEYS) + 2))
+    for name, (vals, kept, note) in rows.items():
+        print(f"| {name} | " + " | ".join(f"{vals[k]:.2f}" for k in KEYS) +
+              f" | {'' if kept is None else kept} | {note} |")
+    result = {name.split(" ")[0]: vals["efficacy"] for name, (vals, _, _) in rows.items()}
+    print("RESULT " + " ".join(f"{k}_efficacy={v:.2f}" for k, v in result.items()))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
