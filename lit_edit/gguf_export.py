@@ -135,6 +135,8 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, weights: dict
         for key, f in reader.fields.items():
             if key.startswith("GGUF.") or key == "general.architecture":  # the header's own, and the writer's
                 continue
+            if key == "general.file_type" and qtype != "source":  # set below for the export's type
+                continue
             main = f.types[0]
             sub = f.types[-1] if main == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, f.contents(), main, sub)
