@@ -81,11 +81,12 @@ def check_export(model: str, export_format: str, qtype: str) -> None:
                                   f"model.export_format safetensors")
 
 
-def gguf_names(source: str | os.PathLike, hf_names: list[str]) -> dict[str, str]:
+def gguf_names(source: str | os.PathLike, hf_names: list[str], reader=None) -> dict[str, str]:
     """transformers parameter name -> the source file's tensor name, by the ``gguf`` package's name map of the file's
-    architecture; a name it does not map, or that the file does not hold, is an error naming it."""
+    architecture; a name it does not map, or that the file does not hold, is an error naming it. ``reader``: the
+    file already open."""
     gguf = _gguf()
-    reader = gguf.GGUFReader(source)
+    reader = gguf.GGUFReader(source) if reader is None else reader
     arch_name = reader.fields["general.architecture"].contents()
     arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
     if arch is None:
@@ -123,9 +124,9 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, weights: dict
     if source.suffix != ".gguf" or not source.is_file():
         raise GGUFExportError(f"the GGUF export is built from the model's source GGUF file; {source} is not one "
                               f"(a model loaded from a folder or a hub id can be exported with save_pretrained)")
-    names = gguf_names(source, list(weights))
-    edited = {names[k]: v.detach().to(torch.float32).cpu().numpy() for k, v in weights.items()}
     reader = gguf.GGUFReader(source)
+    names = gguf_names(source, list(weights), reader)
+    edited = {names[k]: v.detach().to(torch.float32).cpu().numpy() for k, v in weights.items()}
     T = gguf.GGMLQuantizationType
     result = GGUFExport(out, qtype, edited=sorted(edited))
     arch = reader.fields["general.architecture"].contents()
@@ -154,9 +155,9 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, weights: dict
                 continue
             if values is None:
                 values = gguf.quants.dequantize(t.data, src_type)
-            elif tuple(values.shape) != tuple(gguf.quants.dequantize(t.data, src_type).shape):
+            elif tuple(values.shape) != tuple(int(n) for n in reversed(t.shape)):  # GGUF lists dims innermost first
                 raise GGUFExportError(f"the edited {t.name} has shape {tuple(values.shape)}, the source's "
-                                      f"{tuple(gguf.quants.dequantize(t.data, src_type).shape)}")
+                                      f"{tuple(int(n) for n in reversed(t.shape))}")
             want = _target_type(gguf, qtype, src_type, values, result, t.name)
             data = gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), want)
             if want in (T.F32, T.F16):
