@@ -25,10 +25,11 @@ import warnings
 
 import torch
 from torchmetrics import MeanMetric, MetricCollection
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from lit_edit.layouts import logit_head
 from lit_edit.requests import EditRequest
+from lit_edit.truncated import cache_holding, continue_from
 from lit_edit.tokens import bos_ids, encode, pad_batch, pad_id, target_ids
 
 KEYS = ("efficacy", "generalization", "specificity")  # CounterFact / world (ES, PS, NS)
@@ -103,12 +104,9 @@ def score_targets(model, tok, prompts: list[str], targets: list[str], chunk: int
             rows = torch.tensor([k for k, _ in longer], device=dev)
             cont, cmask = pad_batch([seqs[i][1][:-1] for _, i in longer], pad)
             cont, cmask = cont.to(dev), cmask.to(dev)
-            cache = DynamicCache(config=model.config)
-            for layer_idx, layer in enumerate(out.cache.layers):
-                cache.update(layer.keys[rows], layer.values[rows], layer_idx)
+            cache = cache_holding(model, [(layer.keys[rows], layer.values[rows]) for layer in out.cache.layers])
             position_ids = ends[rows][:, None] + 1 + torch.arange(cont.shape[1], device=dev)
-            h = model.base_model(input_ids=cont, attention_mask=torch.cat([mask[rows], cmask], 1),
-                                 position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+            h = continue_from(model, cache, cont, torch.cat([mask[rows], cmask], 1), position_ids)
             r, j = cmask.nonzero(as_tuple=True)
             read = torch.log_softmax(head(h[r, j]).float(), -1)
             for (_, i), x in zip([longer[int(b)] for b in r], read):

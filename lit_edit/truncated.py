@@ -230,19 +230,34 @@ def suffix_geometry(lengths: torch.Tensor, from_col: torch.Tensor) -> _Suffix:
                    int(lengths.max()))
 
 
-def _kept_cache(model, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, P: int, start: int):
+def cache_holding(model, layers):
     """A fresh cache of the model's own kind (``DynamicCache(config)``: sliding layers where the model has them) holding
-    the first ``P`` kept key / value columns of ``rows`` for blocks start … N − 1; the blocks below ``start`` are
-    skipped and never read theirs, which are zeros of the same shape (the mask sizes are read from any layer)."""
+    ``layers``: one (keys, values) pair per layer, in order."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    k0, v0 = kv[start]
-    filler = (k0.new_zeros(len(rows), k0.shape[1], P, k0.shape[3]), v0.new_zeros(len(rows), v0.shape[1], P, v0.shape[3]))
-    for i in range(len(cache.layers)):
-        k, v = (kv[i][0][rows, :, :P], kv[i][1][rows, :, :P]) if i in kv else filler
+    for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
     return cache
+
+
+def continue_from(model, cache, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden states of ``ids`` after the keys and values in ``cache`` (transformers' incremental-decoding
+    path: ``mask`` covers [kept | new] columns, ``position_ids`` the new columns' positions). The one place the
+    causal saving continues a forward: the suffix forward below and the scores (lit_edit/metrics.py)."""
+    return model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+                            use_cache=True).last_hidden_state
+
+
+def _kept_cache(model, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, P: int, start: int):
+    """:func:`cache_holding` the first ``P`` kept key / value columns of ``rows`` for blocks start … N − 1; the blocks
+    below ``start`` are skipped and never read theirs, which are zeros of the same shape (the mask sizes are read from
+    any layer)."""
+    k0, v0 = kv[start]
+    filler = (k0.new_zeros(len(rows), k0.shape[1], P, k0.shape[3]), v0.new_zeros(len(rows), v0.shape[1], P, v0.shape[3]))
+    n = model.config.get_text_config().num_hidden_layers
+    return cache_holding(model, [(kv[i][0][rows, :, :P], kv[i][1][rows, :, :P]) if i in kv else filler
+                                 for i in range(n)])
 
 
 class RowForward:
@@ -373,8 +388,7 @@ class RowForward:
         position_ids = sx.cols.to(dev)  # a padded column repeats its row's last position; it is masked out
         cache = _kept_cache(self.model, self.kv, rows.to(kd), sx.prefix.shape[1], self.start)
         with _skipping(self.blocks, h if self.template is None else replace_block_hidden(self.template, h)):
-            return self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
-                                         use_cache=True).last_hidden_state
+            return continue_from(self.model, cache, ids, mask, position_ids)
 
 
 def _in_row_columns(fn: Callable, sub: torch.Tensor, sx: _Suffix) -> Callable:
