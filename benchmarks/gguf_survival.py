@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lit_edit.cli import load_config
     from lit_edit.data import read_requests
     from lit_edit.gguf_export import export_gguf
-    from lit_edit.layouts import edited_module, get_layout
+    from lit_edit.layouts import edited_weights, get_layout
     from lit_edit.models import load_model
 
     cfg = load_config(ROOT / args.config)
@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, tok, _ = load_model(m["model"])
     edited = load_gguf(Path(args.export))
     layout = get_layout(edited)
-    names = {id(p): n for n, p in edited.named_parameters()}
-    weights = {names[id(edited_module(edited, layout, l).weight)]: edited_module(edited, layout, l).weight
-               for l in m["layers"]}
+    weights = edited_weights(edited, layout, m["layers"])
 
     rows = {}
     start = time.perf_counter()

@@ -322,11 +322,9 @@ class RunRecord(L.Callback):
         from lit_edit.gguf_export import export_gguf
 
         source = sources.gguf_file(m.model_name)
-        from lit_edit.layouts import edited_module
+        from lit_edit.layouts import edited_weights
 
-        names = {id(p): n for n, p in m.llm.named_parameters()}
-        params = [edited_module(m.llm, m.layout, layer).weight for layer in m.layers]  # as stored: GGUF's orientation
-        weights = {names[id(w)]: w for w in params}
+        weights = edited_weights(m.llm, m.layout, m.layers)  # as stored: GGUF's orientation
         out = folder / f"{source.stem}.edited.{m.export_gguf_type}.gguf"
         done = export_gguf(source, out, weights, m.export_gguf_type)
         swapped = "; ".join(f"{k}: {v}" for k, v in sorted(done.substituted.items()))

@@ -180,6 +180,14 @@ def edited_module(model: nn.Module, layout: ModelLayout, layer: int) -> nn.Modul
     return _module(model, "rewrite_module", layout.rewrite_module.format(layer))
 
 
+def edited_weights(model: nn.Module, layout: ModelLayout, layers) -> dict[str, nn.Parameter]:
+    """The rewritten weight of each of ``layers`` by its parameter name in ``model``, in layer order (as stored, e.g.
+    [out, in] for nn.Linear): what a checkpoint keeps and an export writes."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    weights = [edited_module(model, layout, layer).weight for layer in layers]
+    return {names[id(w)]: w for w in weights}
+
+
 def post_norm_module(model: nn.Module, layout: ModelLayout, layer: int) -> nn.Module | None:
     """The norm between the edited matrix's output and the residual sum at ``layer``, or None (most families)."""
     if layout.post_norm is None:

@@ -23,7 +23,7 @@ from lit_edit import checks, runs
 from lit_edit import distributed as dist
 from lit_edit.callbacks import RunRecord, defer_logger_files, progress_bar
 from lit_edit.editing import ClosedFormEdit, StepStats
-from lit_edit.layouts import edited_module, get_layout, get_weight
+from lit_edit.layouts import edited_weights, get_layout, get_weight
 from lit_edit.methods import Columns, Env, TargetMethod, VStar
 from lit_edit.data.lengths import fitting_requests
 from lit_edit.evaluation import LiveEdits, Scores
@@ -305,8 +305,8 @@ class EditModule(L.LightningModule):
         return s
 
     def edited_param_names(self) -> list[str]:
-        names = {id(p): n for n, p in self.named_parameters()}
-        return [names[id(edited_module(self.llm, self.layout, l).weight)] for l in self.layers]
+        """The edited weights' names in this module's state dict (``llm.`` + their names in the model)."""
+        return ["llm." + n for n in edited_weights(self.llm, self.layout, self.layers)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = set(self.edited_param_names())
