@@ -325,10 +325,11 @@ class RunRecord(L.Callback):
         from lit_edit.layouts import edited_weights
 
         weights = edited_weights(m.llm, m.layout, m.layers)  # as stored: GGUF's orientation
-        out = folder / f"{source.stem}.edited.{m.export_gguf_type}.gguf"
-        done = export_gguf(source, out, weights, m.export_gguf_type)
+        kind = m.export_gguf_type + (f"+{m.export_gguf_edited_type}" if m.export_gguf_edited_type else "")
+        out = folder / f"{source.stem}.edited.{kind}.gguf"
+        done = export_gguf(source, out, weights, m.export_gguf_type, m.export_gguf_edited_type)
         swapped = "; ".join(f"{k}: {v}" for k, v in sorted(done.substituted.items()))
-        print(f"lit_edit: GGUF export {Path(m.export_dir) / out.name} ({m.export_gguf_type}; edited tensors "
+        print(f"lit_edit: GGUF export {Path(m.export_dir) / out.name} ({kind}; edited tensors "
               f"{', '.join(done.edited)}" + (f"; stored otherwise: {swapped}" if swapped else "") + ")")
 
     def _draw_final(self, trainer, m, doc: dict) -> None:

@@ -12,6 +12,10 @@ Export types (``TYPES``):
   type, or, where the ``gguf`` package cannot quantise that type (the K-quants of Gemma's Q4_K_M), to the nearest
   type it can (:data:`NEAREST`), which the result names.
 
+``edited_type`` (``model.export_gguf_edited_type``) stores the edited tensors as another of these types than the rest,
+e.g. ``source`` with ``Q8_0``: every unedited tensor keeps the source's 4-bit bytes and the few edited matrices are
+8-bit, which keeps an edit that a 4-bit step of those matrices would erase (docs/results.md §10.6) for a few MB.
+
 The edited tensors are named by their transformers parameter names (e.g. ``model.layers.5.mlp.down_proj.weight``),
 mapped to GGUF's (``blk.5.ffn_down.weight``) by the ``gguf`` package's own tensor-name map.
 """
@@ -64,13 +68,22 @@ def check_type(qtype: str, setting: str = "model.export_gguf_type") -> str:
 EXPORT_FORMATS = ("safetensors", "gguf")
 
 
-def check_export(model: str, export_format: str, qtype: str) -> None:
+def check_edited_type(edited_type: str | None, setting: str = "model.export_gguf_edited_type") -> str | None:
+    """``edited_type`` if it is None or a type of :data:`TYPES` but ``source``, else an error naming the setting."""
+    if edited_type is not None and (edited_type == "source" or edited_type not in TYPES):
+        raise GGUFExportError(f"{setting} {edited_type!r} is not a type for the edited tensors; choose one of "
+                              f"{', '.join(t for t in TYPES if t != 'source')}, or leave it unset (the export's type)")
+    return edited_type
+
+
+def check_export(model: str, export_format: str, qtype: str, edited_type: str | None = None) -> None:
     """``model.export_format`` / ``model.export_gguf_type`` at construction, before anything is loaded: a known format
     and type, and for ``gguf`` a model read from a GGUF file (a packaged model or a ``.gguf`` path), which the export
     is built from."""
     if export_format not in EXPORT_FORMATS:
         raise GGUFExportError(f"model.export_format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     check_type(qtype)
+    check_edited_type(edited_type)
     if export_format == "gguf":
         from lit_edit.sources import PACKAGED
 
@@ -114,12 +127,14 @@ def _writable(gguf, qtype) -> bool:
 
 
 def export_gguf(source: str | os.PathLike, out: str | os.PathLike, weights: dict[str, torch.Tensor],
-                qtype: str = "F16") -> GGUFExport:
+                qtype: str = "F16", edited_type: str | None = None) -> GGUFExport:
     """Write ``out``: the GGUF file ``source`` with the tensors ``weights`` (transformers names -> the edited values,
-    in the model's orientation) replaced, every tensor stored as ``qtype`` (module docstring). ``out`` is written to
-    a temporary file beside it and renamed, so a failed export leaves no partial file."""
+    in the model's orientation) replaced, every tensor stored as ``qtype`` and the edited ones as ``edited_type`` if
+    given (module docstring). ``out`` is written to a temporary file beside it and renamed, so a failed export leaves
+    no partial file."""
     gguf = _gguf()
-    check_type(qtype)
+    check_type(qtype, "the export type")
+    check_edited_type(edited_type, "the edited tensors' type")
     source, out = Path(source), Path(out)
     if source.suffix != ".gguf" or not source.is_file():
         raise GGUFExportError(f"the GGUF export is built from the model's source GGUF file; {source} is not one "
@@ -158,7 +173,8 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, weights: dict
             elif tuple(values.shape) != tuple(int(n) for n in reversed(t.shape)):  # GGUF lists dims innermost first
                 raise GGUFExportError(f"the edited {t.name} has shape {tuple(values.shape)}, the source's "
                                       f"{tuple(int(n) for n in reversed(t.shape))}")
-            want = _target_type(gguf, qtype, src_type, values, result, t.name)
+            want = _target_type(gguf, edited_type if t.name in edited and edited_type else qtype, src_type, values,
+                                result, t.name)
             data = gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), want)
             if want in (T.F32, T.F16):
                 writer.add_tensor(t.name, data)

@@ -115,6 +115,8 @@ class EditModule(L.LightningModule):
             lit_edit/gguf_export.py; a packaged model or a ``.gguf`` ``model.model`` only).
         export_gguf_type: the GGUF export's tensor type: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, or ``source`` (the
             source file's own types: unedited tensors keep their bytes).
+        export_gguf_edited_type: the edited tensors' type in a GGUF export, if not ``export_gguf_type`` (e.g. Q8_0
+            with ``source``: the source's 4-bit file with 8-bit edited matrices, which keeps the edits).
         protocol: how the final metrics are taken (docs/metrics.md, "Protocols"): ``"sequential"`` (every live edit
             scored on the final model: AlphaEdit's, MEMIT's and OTE–SE's protocol), ``"immediate"`` (each batch scored
             right after its own write, edits kept) or ``"independent"`` (each batch written, scored, then the edited
@@ -126,7 +128,7 @@ class EditModule(L.LightningModule):
         allow_changed: settings (or prefixes, e.g. ``model.method``) that may differ from the checkpoint's on
             resume. A resume compares every setting that changes the result (:meth:`run_settings`) and stops before
             any edit on a difference not listed here. Always free to change: export_dir, export_replace,
-            export_format, export_gguf_type,
+            export_format, export_gguf_type, export_gguf_edited_type,
             eval_every_n_steps, eval_pre, sync_check_every_n_steps, trust_remote_code, allow_changed and the trainer's
             options.
     """
@@ -137,7 +139,8 @@ class EditModule(L.LightningModule):
                  context_seed: int = 0, eval_every_n_steps: int = 0, eval_pre: bool = True,
                  export_dir: str | None = None, sync_check_every_n_steps: int = 1, protocol: str = "sequential",
                  trust_remote_code: bool = False, allow_changed: list[str] = [], export_replace: bool = False,
-                 export_format: str = "safetensors", export_gguf_type: str = "F16") -> None:
+                 export_format: str = "safetensors", export_gguf_type: str = "F16",
+                 export_gguf_edited_type: str | None = None) -> None:
         super().__init__()
         # hparams.yaml / TensorBoard: the run's settings as plain values (components are added below as dicts);
         # a resume compares run_settings(), stored in the checkpoint, not these
@@ -161,8 +164,9 @@ class EditModule(L.LightningModule):
         self.sync_check_every_n_steps, self.protocol = sync_check_every_n_steps, protocol
         self.trust_remote_code, self.allow_changed = trust_remote_code, list(allow_changed)
         self.export_replace = checks.boolean("model.export_replace", export_replace)
-        check_export(model, export_format, export_gguf_type)
+        check_export(model, export_format, export_gguf_type, export_gguf_edited_type)
         self.export_format, self.export_gguf_type = export_format, export_gguf_type
+        self.export_gguf_edited_type = export_gguf_edited_type
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited matrices
         self.llm = None

@@ -73,6 +73,22 @@ def test_only_the_edited_tensor_differs_and_source_keeps_the_other_bytes(edited,
         assert same == (name != "blk.5.ffn_down.weight"), name
     meta = gguf.GGUFReader(kept.path).fields
     assert meta["tokenizer.chat_template"].contents() == gguf.GGUFReader(source).fields["tokenizer.chat_template"].contents()
+    # the source's bytes with the edited matrix in 8 bits: only that tensor differs, and it is the F32 export's
+    # matrix to within Q8_0's rounding: a block of 32 shares one scale d = max|w| / 127, each weight is off by at most
+    # d / 2, and d itself is stored as F16 (relative error 2^-11, times |q| <= 127 codes): 0.5 d + 127 d 2^-11
+    mixed = export_gguf(source, tmp_path / "mixed.gguf", {EDITED: model.get_parameter(EDITED)}, "source", "Q8_0")
+    m8 = {t.name: t for t in gguf.GGUFReader(mixed.path).tensors}
+    assert mixed.types["blk.5.ffn_down.weight"] == "Q8_0" and mixed.types["blk.5.ffn_up.weight"] == "Q4_1"
+    for name, t in src.items():
+        assert (t.data.tobytes() == m8[name].data.tobytes()) == (name != "blk.5.ffn_down.weight"), name
+    W = b["blk.5.ffn_down.weight"].data
+    got = gguf.quants.dequantize(m8["blk.5.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    step = abs(W.reshape(-1, 32)).max(1, keepdims=True) / 127
+    assert (abs(got.reshape(-1, 32) - W.reshape(-1, 32)) <= (0.5 + 127 * 2.0**-11) * step + 1e-7).all()
+    # and it is the edited matrix, not the source's: 8 bits sit far closer to it on average than the unedited 4-bit
+    # one (the rounding alone is ~16x finer; the edit adds to the 4-bit one's distance)
+    old = gguf.quants.dequantize(src["blk.5.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q4_1)
+    assert abs(got - W.reshape(got.shape)).mean() < 0.2 * abs(old - W.reshape(got.shape)).mean()
 
 
 def test_bad_exports_are_named_before_anything_is_written(edited, tmp_path):
@@ -81,6 +97,10 @@ def test_bad_exports_are_named_before_anything_is_written(edited, tmp_path):
         check_type("Q4_K_M")
     with pytest.raises(GGUFExportError, match="model.model 'world' is not read from one"):
         check_export("world", "gguf", "source")
+    with pytest.raises(GGUFExportError, match="model.export_gguf_edited_type 'source' is not a type for the edited"):
+        check_export("smollm2-135m-instruct", "gguf", "source", "source")
+    with pytest.raises(GGUFExportError, match="the edited tensors' type 'Q4_K' is not a type for the edited"):
+        export_gguf(source, tmp_path / "x.gguf", {}, "source", "Q4_K")
     with pytest.raises(GGUFExportError, match="model.export_format 'onnx' is not one of safetensors, gguf"):
         check_export("smollm2-135m-instruct", "onnx", "F16")
     check_export("smollm2-135m-instruct", "gguf", "source") and check_export("/m/x.gguf", "gguf", "Q8_0")
