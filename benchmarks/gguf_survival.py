@@ -9,7 +9,9 @@ run's records are scored (efficacy, generalization, specificity and magnitudes; 
 records keep their float efficacy outcome per type, and the unedited source file's scores.
 
     python benchmarks/gguf_survival.py --export DIR/…F32.gguf --config configs/smollm2-135m/memit_counterfact.yaml
-        [--limit 100] [--types F16 Q8_0 Q4_1 Q4_0 source]
+        [--limit 100] [--types F16 Q8_0 Q4_1 Q4_0 source source+Q8_0]
+
+A type ``A+B`` stores the unedited tensors as ``A`` and the edited ones as ``B`` (``model.export_gguf_edited_type``).
 """
 from __future__ import annotations
 
@@ -76,16 +78,19 @@ def main(argv: list[str] | None = None) -> dict:
     del edited
     with tempfile.TemporaryDirectory() as tmp:
         unedited = load_gguf(source)
-        rows["unedited source"] = (mean(scores(unedited, tok, requests)), None, "")
+        size = Path(source).stat().st_size / 2**20
+        rows[f"unedited source ({size:.1f} MiB)"] = (mean(scores(unedited, tok, requests)), None, "")
         del unedited
         for qtype in args.types:
-            out = export_gguf(source, Path(tmp) / f"{qtype}.gguf", weights, qtype)
+            base, _, edited_type = qtype.partition("+")
+            out = export_gguf(source, Path(tmp) / f"{qtype}.gguf", weights, base, edited_type or None)
             model = load_gguf(out.path)
             per = scores(model, tok, requests)
             kept = sum(a.get("efficacy") == b.get("efficacy") for a, b in zip(per, float_per))
             note = "; ".join(f"{k}: {v}" for k, v in sorted(out.substituted.items()))
             stored = sorted({out.types[n] for n in out.edited})
-            rows[f"{qtype} (edited tensors {', '.join(stored)})"] = (mean(per), kept, note)
+            mb = out.path.stat().st_size / 2**20
+            rows[f"{qtype} (edited tensors {', '.join(stored)}; {mb:.1f} MiB)"] = (mean(per), kept, note)
             del model
             (Path(tmp) / f"{qtype}.gguf").unlink()
     print(f"{len(requests)} records of {args.config} (offset {offset}); {time.perf_counter() - start:.0f} s")

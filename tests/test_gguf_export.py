@@ -111,3 +111,31 @@ def test_bad_exports_are_named_before_anything_is_written(edited, tmp_path):
     with pytest.raises(GGUFExportError, match="writing the GGUF export"):
         export_gguf(source, tmp_path / "missing" / "x.gguf", {}, "F32")
     assert not list(tmp_path.rglob("*.gguf*"))
+
+
+def test_survival_benchmark_scores_each_export_against_the_float_model(edited, tmp_path, capsys):
+    """benchmarks/gguf_survival.py end to end on two records: the float row is the F32 export's own scores, 8 bits
+    keep every efficacy outcome of this (edit-sized) change, and ``source+Q8_0`` stores the source's 4-bit file with
+    8-bit edited matrices: smaller than the all-8-bit file, larger than the source."""
+    import importlib
+    import sys
+
+    model, _, source = edited
+    f32 = export_gguf(source, tmp_path / "f32.gguf", {EDITED: model.get_parameter(EDITED)}, "F32")
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        rows = importlib.import_module("gguf_survival").main(
+            ["--export", str(f32.path), "--config", "configs/smollm2-135m/memit_counterfact.yaml", "--limit", "2",
+             "--types", "Q8_0", "source+Q8_0"])
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    (fl, n, _), (q8, kept8, _), (mixed, kept_mixed, _) = (rows[k] for k in rows if not k.startswith("unedited"))
+    names = [k for k in rows if not k.startswith("unedited")]
+    assert n == 2 and kept8 == 2 and abs(q8["efficacy_magnitude"] - fl["efficacy_magnitude"]) < 1.0
+    assert names[1].startswith("Q8_0 (edited tensors Q8_0;") and names[2].startswith("source+Q8_0 (edited tensors Q8_0;")
+    # its other tensors are the very bytes the float model was dequantised from: only 8-bit rounding separates them
+    assert kept_mixed == 2 and abs(mixed["specificity"] - fl["specificity"]) <= 10.0  # at most 2 of 20 prompts
+    mib = [float(k.split("; ")[-1].split(" MiB")[0]) for k in names[1:]]
+    src_mib = float(next(k for k in rows if k.startswith("unedited")).split("(")[1].split(" MiB")[0])
+    assert src_mib < mib[1] < mib[0], (src_mib, mib)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT ")
