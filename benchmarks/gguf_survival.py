@@ -2,13 +2,15 @@
 exports of each type, each loaded back through transformers' GGUF reader as a user's runtime would read the file.
 
 Input: the F32 GGUF export of an edit run (``--model.export_dir DIR --model.export_format gguf
---model.export_gguf_type F32``), which is the edited float model (to 1e-6, tests/test_real_models.py), the run's
+--model.export_gguf_type F32``), which is the edited float model (to 1e-6, tests/test_gguf_export.py), or the run's
+checkpoint (``checkpoints/last.ckpt``: the edited matrices, put into the source's float model), and the run's
 config (its model, layers and records). For each type the edited matrices of that model are written into the source
 GGUF (lit_edit/gguf_export.py: ``source`` keeps every unedited tensor's bytes), the file is loaded back, and the
 run's records are scored (efficacy, generalization, specificity and magnitudes; no generations). Also: how many
 records keep their float efficacy outcome per type, and the unedited source file's scores.
 
     python benchmarks/gguf_survival.py --export DIR/…F32.gguf --config configs/smollm2-135m/memit_counterfact.yaml
+        (or --checkpoint RUN/checkpoints/last.ckpt)
         [--limit 100] [--types F16 Q8_0 Q4_1 Q4_0 source source+Q8_0]
 
 A type ``A+B`` stores the unedited tensors as ``A`` and the edited ones as ``B`` (``model.export_gguf_edited_type``).
@@ -46,12 +48,15 @@ def mean(per: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--export", required=True, help="the run's F32 GGUF export (the edited float model)")
+    ap.add_argument("--export", help="the run's F32 GGUF export (the edited float model)")
+    ap.add_argument("--checkpoint", help="or the run's checkpoint (e.g. its last.ckpt), which holds the edited matrices")
     ap.add_argument("--config", required=True, help="the run's config (model.model, model.layers, data.*)")
     ap.add_argument("--limit", type=int, default=None, help="the run's data.limit, if given on its command line")
     ap.add_argument("--offset", type=int, default=None, help="the run's data.offset, if given on its command line")
     ap.add_argument("--types", nargs="+", default=["F16", "Q8_0", "Q4_1", "Q4_0", "source"])
     args = ap.parse_args(argv)
+    if (args.export is None) == (args.checkpoint is None):
+        ap.error("give the edited model as one of --export (an F32 GGUF export) or --checkpoint (a run's checkpoint)")
 
     from lit_edit import sources
     from lit_edit.cli import load_config
@@ -66,15 +71,24 @@ def main(argv: list[str] | None = None) -> dict:
     limit = args.limit if args.limit is not None else d.get("limit")
     requests = read_requests(d.get("dataset", "counterfact"), str(ROOT / d["path"]), limit=offset + limit)[offset:]
     source = sources.gguf_file(m["model"])
-    _, tok, _ = load_model(m["model"])
-    edited = load_gguf(Path(args.export))
-    layout = get_layout(edited)
-    weights = edited_weights(edited, layout, m["layers"])
+    model, tok, _ = load_model(m["model"])
+    if args.export:
+        edited, label = load_gguf(Path(args.export)), "float (the F32 export)"
+    else:  # the run's float model: the source, dequantised, with the checkpoint's edited matrices
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        edited, label = model.eval().requires_grad_(False), "float (the checkpoint's model)"
+        for name, w in edited_weights(edited, get_layout(edited), m["layers"]).items():
+            if "llm." + name not in state:
+                raise SystemExit(f"{args.checkpoint}: no edited matrix llm.{name} (layers {m['layers']} of "
+                                 f"{args.config}); is it this config's run?")
+            w.copy_(state["llm." + name])
+    del model
+    weights = edited_weights(edited, get_layout(edited), m["layers"])
 
     rows = {}
     start = time.perf_counter()
     float_per = scores(edited, tok, requests)
-    rows["float (the F32 export)"] = (mean(float_per), len(requests), "")
+    rows[label] = (mean(float_per), len(requests), "")
     del edited
     with tempfile.TemporaryDirectory() as tmp:
         unedited = load_gguf(source)

@@ -8,6 +8,7 @@ import torch
 from lit_edit import sources
 from lit_edit.gguf_export import GGUFExportError, check_export, check_type, export_gguf, gguf_names
 from tests.conftest import REPO_ROOT
+from tests.helpers import shared_file
 
 EDITED = "model.layers.5.mlp.down_proj.weight"
 PROMPTS = ["Danielle Darrieux's mother tongue is", "Toyota is a company from"]
@@ -114,24 +115,36 @@ def test_bad_exports_are_named_before_anything_is_written(edited, tmp_path):
 
 
 def test_survival_benchmark_scores_each_export_against_the_float_model(edited, tmp_path, capsys):
-    """benchmarks/gguf_survival.py end to end on two records: the float row is the F32 export's own scores, 8 bits
-    keep every efficacy outcome of this (edit-sized) change, and ``source+Q8_0`` stores the source's 4-bit file with
-    8-bit edited matrices: smaller than the all-8-bit file, larger than the source."""
+    """benchmarks/gguf_survival.py end to end on two records, from a run's checkpoint (the edited matrices as
+    ``llm.<name>``): the float row is the edited model's own scores, 8 bits keep every efficacy outcome of this
+    (edit-sized) change, and ``source+Q8_0`` stores the source's 4-bit file with 8-bit edited matrices: smaller than the
+    all-8-bit file, larger than the source."""
     import importlib
     import sys
 
-    model, _, source = edited
-    f32 = export_gguf(source, tmp_path / "f32.gguf", {EDITED: model.get_parameter(EDITED)}, "F32")
+    from lit_edit.data import read_requests
+    from lit_edit.layouts import edited_weights, get_layout
+    from lit_edit.metrics import record_scores
+
+    model, tok, _ = edited
+    path = shared_file("counterfact_sample.json")  # the config's records
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"llm." + n: w.detach().clone()
+                               for n, w in edited_weights(model, get_layout(model), [3, 4, 5, 6, 7]).items()}}, ckpt)
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     try:
         rows = importlib.import_module("gguf_survival").main(
-            ["--export", str(f32.path), "--config", "configs/smollm2-135m/memit_counterfact.yaml", "--limit", "2",
+            ["--checkpoint", str(ckpt), "--config", "configs/smollm2-135m/memit_counterfact.yaml", "--limit", "2",
              "--types", "Q8_0", "source+Q8_0"])
     finally:
         sys.path.remove(str(REPO_ROOT / "benchmarks"))
-    (fl, n, _), (q8, kept8, _), (mixed, kept_mixed, _) = (rows[k] for k in rows if not k.startswith("unedited"))
     names = [k for k in rows if not k.startswith("unedited")]
-    assert n == 2 and kept8 == 2 and abs(q8["efficacy_magnitude"] - fl["efficacy_magnitude"]) < 1.0
+    (fl, n, _), (q8, kept8, _), (mixed, kept_mixed, _) = (rows[k] for k in names)
+    requests = read_requests("counterfact", str(path), limit=102)
+    want = record_scores(model, tok, requests[100:])
+    assert n == 2 and fl["efficacy_magnitude"] == pytest.approx(
+        100 * sum(r["efficacy_magnitude"] for r in want) / 2, abs=1e-6)
+    assert kept8 == 2 and abs(q8["efficacy_magnitude"] - fl["efficacy_magnitude"]) < 1.0
     assert names[1].startswith("Q8_0 (edited tensors Q8_0;") and names[2].startswith("source+Q8_0 (edited tensors Q8_0;")
     # its other tensors are the very bytes the float model was dequantised from: only 8-bit rounding separates them
     assert kept_mixed == 2 and abs(mixed["specificity"] - fl["specificity"]) <= 10.0  # at most 2 of 20 prompts
