@@ -7,7 +7,8 @@ checkpoint (``checkpoints/last.ckpt``: the edited matrices, put into the source'
 config (its model, layers and records). For each type the edited matrices of that model are written into the source
 GGUF (lit_edit/gguf_export.py: ``source`` keeps every unedited tensor's bytes), the file is loaded back, and the
 run's records are scored (efficacy, generalization, specificity and magnitudes; no generations). Also: how many
-records keep their float efficacy outcome per type, and the unedited source file's scores.
+records keep their float efficacy outcome per type, the unedited source file's scores, and per edited matrix how much
+of the change each file stores is the edit (:func:`realised`).
 
     python benchmarks/gguf_survival.py --export DIR/…F32.gguf --config configs/smollm2-135m/memit_counterfact.yaml
         (or --checkpoint RUN/checkpoints/last.ckpt)
@@ -46,10 +47,30 @@ def mean(per: list[dict]) -> dict:
     return {k: 100 * sum(p[k] for p in per if k in p) / max(1, sum(k in p for p in per)) for k in KEYS}
 
 
+def realised(source: Path, out: Path, weights: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Per edited matrix: ‖ΔW‖ / ‖W₀‖ and cos(ΔQ, ΔW), with W₀ the source's (dequantised) matrix, ΔW = W − W₀ the
+    edit and ΔQ = Q − W₀ the change the file ``out`` stores: how much of the stored change is the edit."""
+    import gguf
+    import numpy as np
+
+    from lit_edit.gguf_export import gguf_names
+
+    names = gguf_names(source, list(weights))
+    src, got = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (source, out))
+    res = {}
+    for hf, g in names.items():
+        W0, Q = (gguf.quants.dequantize(t[g].data, t[g].tensor_type).astype(np.float64).reshape(-1) for t in (src, got))
+        dW = weights[hf].detach().double().reshape(-1).numpy() - W0
+        dQ = Q - W0
+        res[g] = (float(np.linalg.norm(dW) / np.linalg.norm(W0)),
+                  float(dQ @ dW / max(np.linalg.norm(dQ) * np.linalg.norm(dW), 1e-300)))
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", help="the run's F32 GGUF export (the edited float model)")
-    ap.add_argument("--checkpoint", help="or the run's checkpoint (e.g. its last.ckpt), which holds the edited matrices")
+    ap.add_argument("--checkpoint", help="or the run's checkpoint (its last.ckpt), which holds the edited matrices")
     ap.add_argument("--config", required=True, help="the run's config (model.model, model.layers, data.*)")
     ap.add_argument("--limit", type=int, default=None, help="the run's data.limit, if given on its command line")
     ap.add_argument("--offset", type=int, default=None, help="the run's data.offset, if given on its command line")
@@ -90,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     float_per = scores(edited, tok, requests)
     rows[label] = (mean(float_per), len(requests), "")
     del edited
+    cosines = {}
     with tempfile.TemporaryDirectory() as tmp:
         unedited = load_gguf(source)
         size = Path(source).stat().st_size / 2**20
@@ -105,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             stored = sorted({out.types[n] for n in out.edited})
             mb = out.path.stat().st_size / 2**20
             rows[f"{qtype} (edited tensors {', '.join(stored)}; {mb:.1f} MiB)"] = (mean(per), kept, note)
+            cosines[qtype] = realised(source, out.path, weights)
             del model
             (Path(tmp) / f"{qtype}.gguf").unlink()
     print(f"{len(requests)} records of {args.config} (offset {offset}); {time.perf_counter() - start:.0f} s")
@@ -113,6 +136,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (vals, kept, note) in rows.items():
         print(f"| {name} | " + " | ".join(f"{vals[k]:.2f}" for k in KEYS) +
               f" | {'' if kept is None else kept} | {note} |")
+    if cosines:
+        mats = list(next(iter(cosines.values())))
+        print("\nthe stored change against the edit, per edited matrix: cos(ΔQ, ΔW) (‖ΔW‖ / ‖W₀‖ "
+              + ", ".join(f"{next(iter(cosines.values()))[g][0]:.3f}" for g in mats) + ")")
+        print("| type | " + " | ".join(mats) + " |\n|---|" + "---|" * len(mats))
+        for qtype, per_mat in cosines.items():
+            print(f"| {qtype} | " + " | ".join(f"{per_mat[g][1]:.3f}" for g in mats) + " |")
     result = {name.split(" ")[0]: vals["efficacy"] for name, (vals, _, _) in rows.items()}
     print("RESULT " + " ".join(f"{k}_efficacy={v:.2f}" for k, v in result.items()))
     return rows
