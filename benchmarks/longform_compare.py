@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deep_world_compare import fit_child, write_block  # noqa: E402  (one child-fit runner, one docs writer)
+from method_compare import fit_child, write_block  # noqa: E402  (one child-fit runner, one docs writer)
 
 METHODS = {"muke": "μKE", "anyedit": "AnyEdit", "one_for_all": "One-for-All"}
 PROTOCOLS = {"independent": ["--model.protocol", "independent", "--data.batch_size", "1"],

@@ -89,3 +89,61 @@ def test_real_model_benchmark_at_tiny_shapes(bench, tiny_world, capsys):
     assert out["vstar_rel_diff"] <= 1e-4 and out["speedup"] > 0 and 0 <= out["efficacy"] <= 100
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT edits_per_min=") and " speedup=" in last and " eval_s=" in last
+
+
+def test_method_compare_offers_every_real_model_row(bench):
+    """benchmarks/method_compare.py (issue 30): every row it names for a real model has its shipped config, on
+    CounterFact for both models, and ZsRE offers AlphaEdit, MEMIT and MetaKE with its ablations."""
+    mc = bench("method_compare")
+    for model in ("smollm2-135m", "gemma3-270m"):
+        assert set(mc.rows_for(model, "counterfact")) == set(mc.REAL_ROWS), model
+        zsre = mc.rows_for(model, "zsre")
+        assert {"alphaedit", "memit", "metake", "key_only", "stop_grad", "relaxed"} <= set(zsre), model
+        for config, _, _ in [*mc.rows_for(model, "counterfact").values(), *zsre.values()]:
+            assert (mc.ROOT / config).is_file()
+    assert set(mc.rows_for("world:deep", "counterfact")) == set(mc.WORLD_ROWS)
+
+
+def test_method_compare_plan_scores_the_unedited_model_once_and_seeds_each_child(bench):
+    mc = bench("method_compare")
+    rows = mc.rows_for("smollm2-135m", "counterfact")
+    args = type("A", (), dict(offset=100, limit=40, batch_size=20, no_generations=True, extra="", seeds=[0, 1],
+                              rows=["alphaedit", "metake"], model="smollm2-135m", dataset="counterfact"))
+    todo = mc.plan(args, rows)
+    assert [(n, s) for n, s, _ in todo] == [("alphaedit", 0), ("metake", 0), ("alphaedit", 1), ("metake", 1)]
+    assert ["--model.eval_pre" in o for _, _, o in todo] == [False, True, True, True]
+    for _, seed, o in todo:
+        for key in ("--seed_everything", "--model.context_seed", "--data.order_seed"):
+            assert o[o.index(key) + 1] == str(seed)
+        assert o[o.index("--model.method.init_args.evaluator.fluency") + 1] == "false"
+    args.rows = ["nope"]
+    with pytest.raises(SystemExit, match="--rows nope: no config"):
+        mc.plan(args, rows)
+
+
+def test_method_compare_mean_and_std_over_seeds(bench):
+    mc = bench("method_compare")
+    runs = [{"name": "a", "label": "A", "wall_s": 10.0, "efficacy": e, "fluency": None} for e in (90.0, 100.0, 95.0)]
+    row = mc.aggregate(runs, ("efficacy", "fluency"))
+    assert row["efficacy"] == (95.0, 5.0) and row["fluency"] == (None, None) and row["wall_s"] == 10.0
+    text = mc.table([row], ("efficacy", "fluency"))
+    assert "| A | 95.00 ± 5.00 | 10 s |" in text and "fluency" not in text  # a column no row has is left out
+
+
+def test_method_compare_end_to_end_on_the_tiny_world(bench, tiny_world, monkeypatch, capsys):
+    """Two rows, two seeds, on the tiny world: the unedited model is scored once (the pre-edit row), each seed edits
+    the same records in its own order, MetaKE rows carry their ρ bins, the last line is the RESULT line."""
+    mc = bench("method_compare")
+    tiny = ["--model.model", "world:tiny", "--data.path", "world:tiny", "--model.layers", "[0, 1]",
+            "--model.context_templates", "[[10, 2]]"]
+    monkeypatch.setattr(mc, "WORLD_ROWS", {
+        "alphaedit": ("configs/world/alphaedit.yaml", tiny + ["--model.method.init_args.v_num_grad_steps", "5"], "AE"),
+        "metake": ("configs/world/metake.yaml", tiny + ["--model.method.init_args.T", "2",
+                                                        "--model.method.init_args.base.v_num_grad_steps", "5"], "MK")})
+    rows = mc.main(["--rows", "alphaedit", "metake", "--limit", "4", "--batch_size", "2", "--seeds", "0", "1"])
+    assert [r["name"] for r in rows] == ["pre", "alphaedit", "metake"]
+    assert all(r["n"] == 2 for r in rows[1:]) and rows[0]["efficacy"][1] is None
+    assert rows[1]["efficacy"][0] is not None and rows[1]["efficacy"][1] is not None
+    out = capsys.readouterr().out
+    assert out.count("corr(beta, beta_hat)") == 2 and "<tmp>/metake/" in out  # realisation_bins per MetaKE run
+    assert out.strip().splitlines()[-1].startswith("RESULT pre_efficacy=")

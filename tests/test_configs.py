@@ -269,3 +269,23 @@ def test_deep_world_configs_meet_issue_19():
         assert spec.n_subjects > n_edits and spec.n_subjects - spec.n_background >= n_edits, path
         assert cfg["model"]["method"]["init_args"].get("fact_token", cfg["model"]["method"]["init_args"].get(
             "base", {}).get("fact_token")) == "subject_first", path
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_real_model_metake_configs_restate_their_bases_exactly(model):
+    """A MetaKE config replaces the method (and metake_memit the solver) whole, so it restates settings of the
+    configs it is compared with: its v* settings are alphaedit_counterfact.yaml's, metake_memit's solver is
+    memit_counterfact.yaml's, and the ZsRE one differs from the CounterFact one only in its data and run name."""
+    d = ROOT / model
+    vstar = load_config(d / "alphaedit_counterfact.yaml")["model"]["method"]["init_args"]
+    for name in ("metake_counterfact", "metake_memit_counterfact", "metake_zsre"):
+        cfg = load_config(d / f"{name}.yaml")
+        base = cfg["model"]["method"]["init_args"]["base"]
+        for key, value in vstar.items():
+            if key != "evaluator":
+                assert base[key] == value, (name, key)
+    assert load_config(d / "metake_memit_counterfact.yaml")["model"]["solver"] == \
+        load_config(d / "memit_counterfact.yaml")["model"]["solver"]
+    cf, zsre = load_config(d / "metake_counterfact.yaml"), load_config(d / "metake_zsre.yaml")
+    assert cf["model"] == zsre["model"] and zsre["data"]["dataset"] == "zsre"
+    assert zsre["data"]["path"] == load_config(d / "alphaedit_zsre.yaml")["data"]["path"]

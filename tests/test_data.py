@@ -342,6 +342,38 @@ def test_offset_and_limit(tmp_path):
         empty.setup()
 
 
+def test_order_seed_permutes_the_same_requests(tmp_path):
+    """data.order_seed: the records offset..offset+limit, each once, in a seeded order; the same seed the same
+    order (and fingerprint, so a resume finds its stream), another seed another order; null the file's order."""
+    path = _stream_file(tmp_path)
+    ids = lambda dm: [r.case_id for r in dm.requests]  # noqa: E731
+    plain, a, a2, b = (_datamodule(path, offset=3, limit=15, order_seed=s) for s in (None, 0, 0, 1))
+    for dm in (plain, a, a2, b):
+        dm.setup()
+    assert ids(plain) == list(range(103, 118))
+    assert sorted(ids(a)) == sorted(ids(b)) == ids(plain)
+    assert ids(a) == ids(a2) and ids(a) != ids(plain) and ids(a) != ids(b)
+    assert a.state_dict()["fingerprint"] == a2.state_dict()["fingerprint"] != plain.state_dict()["fingerprint"]
+    assert [r.case_id for batch in a.train_dataloader() for r in batch] == ids(a)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_order_seed_bad_values(tmp_path, bad):
+    with pytest.raises(ValueError, match="data.order_seed"):
+        _datamodule(_stream_file(tmp_path), order_seed=bad)
+
+
+def test_order_seed_refuses_a_stream_whose_order_matters(tmp_path):
+    """A remove (or replace) refers to an earlier edit: shuffled, it could come first. Refused at set-up, naming
+    the request, before any edit."""
+    recs = [_cf_record(100 + i) for i in range(4)] + [{**_cf_record(100), "case_id": "rm100", "op": "remove"}]
+    path = _write_json(tmp_path / "ops.json", recs)
+    dm = _datamodule(path, order_seed=0)
+    with pytest.raises(ValueError, match=r"order_seed=0.*'remove'.*rm100"):
+        dm.setup()
+    _datamodule(path).setup()  # in file order it is a valid stream
+
+
 def test_zsre_datamodule_options(zsre_path):
     dm = EditDataModule(dataset="zsre", path=str(zsre_path), batch_size=50, target_field="alt", on_invalid="skip")
     dm.setup()

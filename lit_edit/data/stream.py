@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lit_edit.data.readers import READERS, read_requests
@@ -27,6 +28,20 @@ def stream_fingerprint(requests: list[EditRequest]) -> str:
     offset or limit changed, so a resumed run cannot silently continue on a different stream."""
     digest = hashlib.sha256("\n".join(repr(r.case_id) for r in requests).encode("utf-8"))
     return digest.hexdigest()[:16]
+
+
+def shuffled(requests: list[EditRequest], seed: int | None, source: str) -> list[EditRequest]:
+    """``requests`` in the order of a seeded permutation (``data.order_seed``), or unchanged for ``None``. A stream
+    with a ``replace`` or ``remove`` is refused: its order is part of its meaning."""
+    if seed is None:
+        return requests
+    ordered = [r for r in requests if r.op != "insert"]
+    if ordered:
+        raise ValueError(f"data.order_seed={seed}: the edit stream ({source}) has {len(ordered)} request(s) whose "
+                         f"order matters (op {ordered[0].op!r}, case_id={ordered[0].case_id!r}); edit it in file "
+                         f"order (data.order_seed: null)")
+    perm = torch.randperm(len(requests), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [requests[i] for i in perm]
 
 
 @dataclass
@@ -159,6 +174,9 @@ class EditDataModule(L.LightningDataModule):
         on_invalid: ``"raise"`` on an invalid record, or ``"skip"`` it with a logged warning. This also holds for
             requests the model cannot run (longer than its context), which the editing module finds at set-up
             and drops from the stream through :meth:`drop_requests`.
+        order_seed: ``None`` keeps the file's order; an integer edits the same requests (``offset .. offset+limit``)
+            in an order shuffled with that seed, so a result's spread over record orders can be measured. Only for
+            streams of inserts: a ``replace`` or ``remove`` must follow the edit it refers to.
 
     The editing callback must call :meth:`mark_applied` after each successfully applied batch;
     that count is what checkpoints save and what a resumed run starts from.
@@ -174,6 +192,7 @@ class EditDataModule(L.LightningDataModule):
         offset: int = 0,
         target_field: str = "answers",
         on_invalid: str = "raise",
+        order_seed: int | None = None,
     ):
         super().__init__()
         if dataset not in READERS:
@@ -185,10 +204,13 @@ class EditDataModule(L.LightningDataModule):
         if target_field not in ZSRE_TARGET_FIELDS:
             raise ValueError(f"target_field must be one of {ZSRE_TARGET_FIELDS}, got {target_field!r}")
         _check_on_invalid(on_invalid)
+        if order_seed is not None and (isinstance(order_seed, bool) or not isinstance(order_seed, int)
+                                       or order_seed < 0):
+            raise ValueError(f"data.order_seed must be null or an integer >= 0, got {order_seed!r}")
         self.save_hyperparameters()
         self.dataset, self.path, self.split, self.limit = dataset, path, split, limit
         self.batch_size, self.offset = batch_size, offset
-        self.target_field, self.on_invalid = target_field, on_invalid
+        self.target_field, self.on_invalid, self.order_seed = target_field, on_invalid, order_seed
         self.requests: list[EditRequest] = []
         self._cursor: StreamCursor | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -235,7 +257,7 @@ class EditDataModule(L.LightningDataModule):
         read_limit = None if self.limit is None else self.offset + self.limit
         requests = read_requests(self.dataset, self.path, split=self.split, limit=read_limit, **options)
         end = None if self.limit is None else self.offset + self.limit
-        return requests[self.offset : end]
+        return shuffled(requests[self.offset : end], self.order_seed, f"{self.dataset} at {self.path!r}")
 
     # -- position ------------------------------------------------------------------------------
 
