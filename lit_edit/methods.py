@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from lit_edit import checks
+from lit_edit.evaluation import SHOWN_CHUNK
 from lit_edit.data import check_lengths, check_structured_lengths
 from lit_edit.editing import FactColumns, compute_block_states
 from lit_edit.metake import MetaKEConfig, refine_targets
@@ -139,6 +140,15 @@ class ProbabilityEvaluator:
         from lit_edit.world.references import resolve_reference_dir
 
         return load_references(str(resolve_reference_dir(self.reference_dir)))
+
+    @property
+    def shown_chunk(self) -> int:
+        """Records per call when a long scoring shows its progress (lit_edit.evaluation): with sampled generations,
+        as many as fill one ``generate()`` batch (64 prompts, 10 per record: 6), so a log gets a line per batch of
+        generations, which takes minutes on a CPU for a large-vocabulary model such as Gemma-3."""
+        if self.fluency or self.consistency:
+            return max(1, self.batch_size // self.generation_prompts)
+        return SHOWN_CHUNK
 
     def check(self, requests: list) -> list:
         """Before any edit: with consistency on, every record with generation prompts has reference texts (else

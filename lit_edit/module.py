@@ -30,7 +30,7 @@ from lit_edit.evaluation import LiveEdits, Scores
 from lit_edit.gguf_export import check_export
 from lit_edit.models import generate_context_templates, load_model
 from lit_edit.monitor import Monitor
-from lit_edit.progress import phase
+from lit_edit.progress import is_interactive, phase
 from lit_edit.requests import EditRequest
 from lit_edit.solvers import AlphaEdit, Solver
 from lit_edit.stats import StatsConfig, c0_files
@@ -289,7 +289,9 @@ class EditModule(L.LightningModule):
         live edits are scored, as its fit's final evaluation did). A collective under DDP."""
         live = set(self.edits.ids)
         todo = [r for r in batch if r.writes and (not live or r.case_id in live)]
-        self.scores.post.update(self.scores.records(self.env, todo))
+        # in a log, lines within the batch too (with generations a batch takes minutes; lit_edit.progress)
+        desc = None if is_interactive() else f"test batch {batch_idx + 1} scores"
+        self.scores.post.update(self.scores.records(self.env, todo, desc))
 
     # -- checkpoints: only what changed ------------------------------------------------------
     def edited_weights(self) -> list[torch.Tensor]:

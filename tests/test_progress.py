@@ -11,7 +11,7 @@ from lit_edit import progress
 from lit_edit.callbacks import (EditRichLines, EditRichProgressBar, EditTQDMLines, EditTQDMProgressBar,
                                 progress_bar)
 from lit_edit.data import EditDataModule
-from lit_edit.methods import VStar
+from lit_edit.methods import ProbabilityEvaluator, VStar
 from lit_edit.module import EditModule
 from lit_edit.solvers import AlphaEdit
 from lit_edit.stats import StatsConfig
@@ -124,8 +124,16 @@ def test_a_fit_and_a_test_in_a_log_print_each_phase_and_each_step(bar, tiny_worl
                         logger=False, enable_model_summary=False, use_distributed_sampler=False)
     trainer.test(module, dm)  # the test loop: a line per batch
     log = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[lit_edit] ")]
-    assert [re.sub(r"elapsed \d+s \| eta \d+s", "…", l) for l in log if "test batch" in l] == \
+    assert [re.sub(r"elapsed \d+s \| eta \d+s", "…", l) for l in log if re.match(r"\[lit_edit\] test batch \d/", l)] == \
         ["[lit_edit] test batch 1/2 | …", "[lit_edit] test batch 2/2 | …"]
+    # and within each batch, the scoring's own lines (minutes per batch with generations on a real model), when its
+    # requests span more than one evaluator call (here 2 records per call)
+    monkeypatch.setattr(ProbabilityEvaluator, "shown_chunk", property(lambda self: 2))
+    L.Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path / "test2", callbacks=[bar()], logger=False,
+              enable_model_summary=False, use_distributed_sampler=False).test(module, dm)
+    log = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[lit_edit] ")]
+    assert "[lit_edit] test batch 1 scores: 0/4 req | elapsed 0s" in log and \
+        any(l.startswith("[lit_edit] test batch 2 scores: 4/4 req") for l in log)
 
 
 def test_a_long_scoring_in_a_log_prints_lines_before_it_ends(monkeypatch, capsys):
@@ -155,3 +163,30 @@ def test_a_long_scoring_in_a_log_prints_lines_before_it_ends(monkeypatch, capsys
     ev.calls.clear()
     evaluation.Scores(ev).records(None, reqs)  # no progress asked for: one call
     assert ev.calls == [40]
+
+
+def test_with_generations_a_shown_scoring_reports_per_generate_batch(monkeypatch, capsys):
+    """With sampled generations (fluency) a record costs its generation prompts: a shown scoring then calls the
+    evaluator with as many records as fill one generate() batch, so its lines come that often; without, SHOWN_CHUNK;
+    the non-full scores (no generations) keep SHOWN_CHUNK either way."""
+    from lit_edit import evaluation
+
+    assert ProbabilityEvaluator(fluency=True).shown_chunk == 6  # 64 prompts per generate(), 10 per record
+    assert ProbabilityEvaluator(fluency=True, generation_prompts=2).shown_chunk == 32
+    assert ProbabilityEvaluator(fluency=False).shown_chunk == evaluation.SHOWN_CHUNK
+
+    class Evaluator:
+        keys, shown_chunk, calls = ("efficacy",), 6, []
+
+        def scores(self, env, requests, full=True):
+            self.calls.append(len(requests))
+            return [{"efficacy": 1.0} for _ in requests]
+
+    monkeypatch.setenv("LIT_EDIT_PROGRESS", "lines")
+    ev, reqs = Evaluator(), [type("R", (), {"case_id": i})() for i in range(20)]
+    assert len(evaluation.Scores(ev).records(None, reqs, "final scores")) == 20
+    assert ev.calls == [6, 6, 6, 2]
+    ev.calls.clear()
+    evaluation.Scores(ev).records(None, reqs, "batch scores", full=False)
+    assert ev.calls == [16, 4]
+    capsys.readouterr()
