@@ -242,6 +242,17 @@ def test_settings_comparison_names_each_change_and_honours_prefixes():
         ("data.limit", None, 5), ("model.targets.v_lr", 0.5, 0.1)]
 
 
+def test_a_setting_newer_than_the_checkpoint_is_the_same_when_left_null():
+    """A checkpoint written before a setting existed (no key) resumes when this run leaves the setting null (its
+    behaviour from before), and is refused when this run sets it."""
+    saved = {"data.limit": 5}
+    assert runs.compare_settings(saved, {"data.limit": 5, "data.order_seed": None}, [], "c.ckpt") == []
+    with pytest.raises(runs.CheckpointError, match="data.order_seed: checkpoint '<not set>', this run 3"):
+        runs.compare_settings(saved, {"data.limit": 5, "data.order_seed": 3}, [], "c.ckpt")
+    with pytest.raises(runs.CheckpointError, match="data.limit: checkpoint 5, this run '<not set>'"):
+        runs.compare_settings(saved, {}, [], "c.ckpt")  # a setting this run does not have is still a change
+
+
 # -- CLI strictness ---------------------------------------------------------------------------------------------
 
 
