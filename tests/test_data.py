@@ -318,7 +318,7 @@ def _stream_file(tmp_path: Path, n: int = 23) -> Path:
 
 def _datamodule(path: Path, **kwargs) -> EditDataModule:
     kwargs.setdefault("batch_size", 5)
-    return EditDataModule(dataset="counterfact", path=str(path), **kwargs)
+    return EditDataModule(dataset="counterfact", path=path if isinstance(path, (list, int)) else str(path), **kwargs)
 
 
 def test_batches_in_stream_order(tmp_path):
@@ -361,6 +361,57 @@ def test_order_seed_permutes_the_same_requests(tmp_path):
 def test_order_seed_bad_values(tmp_path, bad):
     with pytest.raises(ValueError, match="data.order_seed"):
         _datamodule(_stream_file(tmp_path), order_seed=bad)
+
+
+def test_a_list_of_paths_is_one_stream_with_prefixed_case_ids(tmp_path):
+    """data.path as a list: the files in order, each id prefixed by its file's stem (the two files share ids 100 and
+    101), offset and limit across the files; the same stem twice is refused; a bad path setting is named."""
+    a = _write_json(tmp_path / "first.json", [_cf_record(100 + i) for i in range(3)])
+    b = _write_json(tmp_path / "second.json", [_cf_record(100 + i, subject=f"Other{i}") for i in range(4)])
+    dm = _datamodule([str(a), str(b)], batch_size=2)
+    dm.setup()
+    assert [r.case_id for r in dm.requests] == ["first:100", "first:101", "first:102", "second:100", "second:101",
+                                                "second:102", "second:103"]
+    assert dm.requests[3].subject == "Other0"
+    part = _datamodule([str(a), str(b)], offset=2, limit=3)
+    part.setup()
+    assert [r.case_id for r in part.requests] == ["first:102", "second:100", "second:101"]
+    (tmp_path / "sub").mkdir()
+    twin = _write_json(tmp_path / "sub" / "first.json", [_cf_record(7)])
+    with pytest.raises(ValueError, match="same name 'first'"):
+        _datamodule([str(a), str(twin)]).setup()
+    for bad in ([], [str(a), 3], 5):
+        with pytest.raises(ValueError, match="data.path"):
+            _datamodule(bad)
+
+
+def test_drop_repeats_drops_exact_repeats_only(tmp_path, caplog):
+    """data.drop_repeats: a request with an earlier one's fact and new target is dropped (and counted in the log);
+    the same fact with another target stays (the solver's on_conflict decides); applied before offset / limit."""
+    recs = [_cf_record(1), _cf_record(2), {**_cf_record(1), "case_id": 3},  # 3 repeats 1 exactly
+            _cf_record(4, subject="Subject1", target_new={"str": "Rome", "id": "Q2"}), _cf_record(5)]
+    path = _write_json(tmp_path / "rep.json", recs)
+    keep = _datamodule(path)
+    keep.setup()
+    assert [r.case_id for r in keep.requests] == [1, 2, 3, 4, 5]
+    with caplog.at_level(logging.WARNING, logger="lit_edit.data"):
+        dm = _datamodule(path, drop_repeats=True, offset=1, limit=3)
+        dm.setup()
+    assert [r.case_id for r in dm.requests] == [2, 4, 5]
+    assert "dropped 1 of 5 requests" in caplog.text
+    with pytest.raises(ValueError, match="data.drop_repeats"):
+        _datamodule(path, drop_repeats="yes")
+
+
+def test_the_long_real_stream_counterfact_then_mquake(counterfact_path):
+    """The longest real stream of the shared data (issue 30): CounterFact's 300 records then MQuAKE-CF's 372
+    rewrites, exact repeats dropped: 618 distinct edits (54 of MQuAKE's rewrites repeat one of its earlier cases')."""
+    mquake = counterfact_path.parent / "akew_mquake.json"
+    dm = _datamodule([str(counterfact_path), str(mquake)], drop_repeats=True)
+    dm.setup()
+    assert len(dm.requests) == 618 and len({r.fact_id for r in dm.requests}) == 618
+    assert dm.requests[0].case_id == "counterfact_sample:" + str(json.loads(counterfact_path.read_text())[0]["case_id"])
+    assert dm.requests[300].case_id.startswith("akew_mquake:")
 
 
 def test_order_seed_refuses_a_stream_whose_order_matters(tmp_path):

@@ -1,11 +1,13 @@
 """The resumable edit stream: :class:`StreamCursor`, :class:`EditLoader` and :class:`EditDataModule`."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,6 +30,40 @@ def stream_fingerprint(requests: list[EditRequest]) -> str:
     offset or limit changed, so a resumed run cannot silently continue on a different stream."""
     digest = hashlib.sha256("\n".join(repr(r.case_id) for r in requests).encode("utf-8"))
     return digest.hexdigest()[:16]
+
+
+def concatenated(dataset: str, paths: list[str], split: str, limit: int | None,
+                 options: dict[str, Any]) -> list[EditRequest]:
+    """The requests of several files (``data.path`` as a list) as one stream, in order, case ids prefixed with
+    their file's stem (``counterfact_sample:18``), at most ``limit`` requests."""
+    stems = [Path(p).stem if Path(p).suffix else Path(p).name for p in paths]
+    if len(set(stems)) < len(stems):
+        twice = sorted(s for s in stems if stems.count(s) > 1)[0]
+        raise ValueError(f"data.path: two of {paths} have the same name {twice!r}, which prefixes their case ids; "
+                         f"rename or copy one")
+    out: list[EditRequest] = []
+    for path, stem in zip(paths, stems):
+        left = None if limit is None else limit - len(out)
+        if left is not None and left <= 0:
+            break
+        part = read_requests(dataset, path, split=split, limit=left, **options)
+        out += [dataclasses.replace(r, case_id=f"{stem}:{r.case_id}") for r in part]
+    return out
+
+
+def without_repeats(requests: list[EditRequest]) -> list[EditRequest]:
+    """``requests`` less those that repeat an earlier one exactly: the same fact (``fact_id``) and new target."""
+    seen: set = set()
+    kept = []
+    for r in requests:
+        key = (r.op, r.fact_id, getattr(r, "target_new", None) or getattr(r, "answer", None))
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    if len(kept) < len(requests):
+        log.warning("data.drop_repeats: dropped %d of %d requests that repeat an earlier edit of the same fact to "
+                    "the same target", len(requests) - len(kept), len(requests))
+    return kept
 
 
 def shuffled(requests: list[EditRequest], seed: int | None, source: str) -> list[EditRequest]:
@@ -165,7 +201,10 @@ class EditDataModule(L.LightningDataModule):
             batches hold :class:`~lit_edit.requests.UnstructuredRequest`).
         path: local JSON/JSONL file or directory, hub id, or a world spec (``"world"``,
             ``"world:tiny"``: the built-in synthetic fact world, generated on first use; for
-            ``"world_long"`` the long-form records are generated from the world's spec alone).
+            ``"world_long"`` the long-form records are generated from the world's spec alone). A list of
+            them is one stream, the files in order, each read by the same reader; its case ids become
+            ``"<file stem>:<case id>"`` (two benchmarks' ids may coincide), e.g. CounterFact then the MQuAKE-CF
+            rewrites: ``[../shared/data/counterfact_sample.json, ../shared/data/akew_mquake.json]``.
         split: dataset split.
         limit: number of requests in the stream (after ``offset``); ``None`` = all.
         batch_size: edits per training step.
@@ -177,6 +216,9 @@ class EditDataModule(L.LightningDataModule):
         order_seed: ``None`` keeps the file's order; an integer edits the same requests (``offset .. offset+limit``)
             in an order shuffled with that seed, so a result's spread over record orders can be measured. Only for
             streams of inserts: a ``replace`` or ``remove`` must follow the edit it refers to.
+        drop_repeats: drop a request that repeats an earlier one of the stream exactly (the same fact and the same
+            new target; MQuAKE-CF's cases share rewrites), logged with its count; applied before ``offset`` and
+            ``limit``. A fact given a *different* target later stays: that is the solver's ``on_conflict``.
 
     The editing callback must call :meth:`mark_applied` after each successfully applied batch;
     that count is what checkpoints save and what a resumed run starts from.
@@ -185,7 +227,7 @@ class EditDataModule(L.LightningDataModule):
     def __init__(
         self,
         dataset: str = "world",
-        path: str = "world",
+        path: str | list[str] = "world",
         split: str = "train",
         limit: int | None = None,
         batch_size: int = 20,
@@ -193,6 +235,7 @@ class EditDataModule(L.LightningDataModule):
         target_field: str = "answers",
         on_invalid: str = "raise",
         order_seed: int | None = None,
+        drop_repeats: bool = False,
     ):
         super().__init__()
         if dataset not in READERS:
@@ -207,10 +250,16 @@ class EditDataModule(L.LightningDataModule):
         if order_seed is not None and (isinstance(order_seed, bool) or not isinstance(order_seed, int)
                                        or order_seed < 0):
             raise ValueError(f"data.order_seed must be null or an integer >= 0, got {order_seed!r}")
+        if not isinstance(drop_repeats, bool):
+            raise ValueError(f"data.drop_repeats must be true or false, got {drop_repeats!r}")
+        if not isinstance(path, str) and (not isinstance(path, (list, tuple)) or not path
+                                          or not all(isinstance(p, str) and p for p in path)):
+            raise ValueError(f"data.path must be a path or a non-empty list of paths, got {path!r}")
         self.save_hyperparameters()
         self.dataset, self.path, self.split, self.limit = dataset, path, split, limit
         self.batch_size, self.offset = batch_size, offset
         self.target_field, self.on_invalid, self.order_seed = target_field, on_invalid, order_seed
+        self.drop_repeats = drop_repeats
         self.requests: list[EditRequest] = []
         self._cursor: StreamCursor | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -254,8 +303,14 @@ class EditDataModule(L.LightningDataModule):
         options: dict[str, Any] = {"on_invalid": self.on_invalid}
         if self.dataset == "zsre":
             options["target_field"] = self.target_field
-        read_limit = None if self.limit is None else self.offset + self.limit
-        requests = read_requests(self.dataset, self.path, split=self.split, limit=read_limit, **options)
+        # enough records for offset + limit (each gives at least one request), unless repeats are dropped first
+        read_limit = None if self.limit is None or self.drop_repeats else self.offset + self.limit
+        if isinstance(self.path, str):
+            requests = read_requests(self.dataset, self.path, split=self.split, limit=read_limit, **options)
+        else:
+            requests = concatenated(self.dataset, list(self.path), self.split, read_limit, options)
+        if self.drop_repeats:
+            requests = without_repeats(requests)
         end = None if self.limit is None else self.offset + self.limit
         return shuffled(requests[self.offset : end], self.order_seed, f"{self.dataset} at {self.path!r}")
 
