@@ -21,6 +21,12 @@ mean ± std (sample std over seeds). ``--jobs N`` runs N children at once (each 
 unless set). With ``--write`` the table, with the exact command, replaces the block between
 ``<!-- method_compare:<tag> -->`` markers in docs/results.md.
 
+``--curve-every E`` adds, per row, the retention curve (all live edits scored every E edits, ``retention.json``)
+and the monitor's drift at the same steps (held-out perplexity and top-1 agreement with the unedited model, on
+``--drift-text``: a real model has no held-out text of its own). ``data.path`` may be a list: the longest real
+stream of the shared data is CounterFact then the MQuAKE-CF rewrites, 618 distinct edits with
+``--data.drop_repeats true`` (the MQuAKE rewrites have no paraphrase or neighbourhood prompts: efficacy only).
+
     python benchmarks/method_compare.py --write                                   # 200 edits (records 0-199)
     python benchmarks/method_compare.py --offset 200 --limit 40 --tag tune --write  # the tuning records
     python benchmarks/method_compare.py --rows alphaedit metake                   # a subset of the rows
@@ -28,6 +34,11 @@ unless set). With ``--write`` the table, with the exact command, replaces the bl
         rect rect_no_err --limit 1200 --batch_size 50 --tag ote --write                # (c): all 1200 records
     python benchmarks/method_compare.py --model smollm2-135m --rows alphaedit metake key_only stop_grad relaxed \\
         --offset 100 --limit 100 --seeds 0 1 2 --jobs 2                                 # issue 30 (1)
+    python benchmarks/method_compare.py --model smollm2-135m --rows ote_memit_seq ote_memit_naive ote_prune \
+        ote_rect ote_rect_no_err --offset 0 --limit 618 --batch_size 20 --curve-every 100 --no-generations \
+        --drift-text ../shared/data/unke.json --drift-field answer \
+        --extra "--data.path '[../shared/data/counterfact_sample.json, ../shared/data/akew_mquake.json]' \
+                 --data.drop_repeats true"                                              # issue 30 (2)
 """
 from __future__ import annotations
 
@@ -102,7 +113,7 @@ def rows_for(model: str, dataset: str) -> dict[str, tuple[str, list[str], str]]:
 def find(doc: dict, key: str):
     """The first value under ``key`` anywhere in metrics.json (its layout: docs/outputs.md)."""
     if isinstance(doc, dict):
-        if key in doc and isinstance(doc[key], (int, float)):
+        if key in doc and isinstance(doc[key], (int, float)) and not isinstance(doc[key], bool):  # not a setting
             return doc[key]
         for v in doc.values():
             hit = find(v, key)
@@ -114,9 +125,9 @@ def find(doc: dict, key: str):
 def fit_child(config: str, overrides: list[str], save: Path, name: str,
               env: dict[str, str] | None = None) -> tuple[Path, float]:
     """One ``train.py fit`` in its own child process, without callbacks (no checkpoints, no monitor) and without
-    evaluation during the run; its ``metrics.json`` and wall time."""
-    args = ["fit", "--config", config, *overrides, "--trainer.callbacks", "[]", "--model.eval_every_n_steps", "0",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(save)]
+    evaluation during the run unless ``overrides`` add them; its ``metrics.json`` and wall time."""
+    args = ["fit", "--config", config, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+            "--model.eval_every_n_steps", "0", "--trainer.enable_progress_bar", "false", *overrides, "--trainer.logger.init_args.save_dir", str(save)]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env=None if env is None else {**os.environ, **env})
@@ -127,14 +138,53 @@ def fit_child(config: str, overrides: list[str], save: Path, name: str,
     return metrics, wall
 
 
+def curve(run_dir: Path, batch_size: int, n_edits: int | None) -> list[dict]:
+    """The run's retention curve and drift, one entry per evaluation step: ``edits`` written so far, the live edits'
+    scores (retention.json, percent) and the monitor's drift/* scalars at that step (TensorBoard)."""
+    points = {}
+    for entry in json.loads((run_dir / "retention.json").read_text()):
+        edits = entry["step"] * batch_size if n_edits is None else min(entry["step"] * batch_size, n_edits)
+        points.setdefault(entry["step"], {"edits": edits, **entry.get("scores", {})})
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("drift/perplexity", "drift/agreement"):
+        if tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                if e.step in points:
+                    points[e.step][tag] = e.value
+    return [points[k] for k in sorted(points)]
+
+
+def curve_table(rows: list[dict], keys: tuple[str, ...]) -> str:
+    """Retention (the evaluator's first key over all live edits) and drift per row, every evaluation step."""
+    key = keys[0]
+    steps = sorted({p["edits"] for r in rows for p in r.get("curve", [])})
+    if not steps:
+        return ""
+    lines = ["| run | measure | " + " | ".join(str(e) for e in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for r in rows:
+        by = {p["edits"]: p for p in r.get("curve", [])}
+        for label, tag, fmt in ((f"retention {key}", key, "{:.1f}"), ("perplexity", "drift/perplexity", "{:.2f}"),
+                                ("top-1 agreement", "drift/agreement", "{:.3f}")):
+            cells = [fmt.format(by[e][tag]) if e in by and by[e].get(tag) is not None else "–" for e in steps]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {r['label']}{'' if r.get('seed') is None else ' (seed %d)' % r['seed']} | {label} | "
+                             + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_row(name: str, spec: tuple[str, list[str], str], common: list[str], out: Path, keys: tuple[str, ...],
-            env: dict[str, str] | None = None, label_extra: str = "") -> dict:
+            env: dict[str, str] | None = None, label_extra: str = "", batch_size: int = 20) -> dict:
     config, extra, label = spec
     metrics, wall = fit_child(config, [*extra, *common], out / name, name, env)
     run_dir = metrics.parent
     doc = json.loads(metrics.read_text())
     row = {"name": name, "label": label + label_extra, "run_dir": str(run_dir), "wall_s": round(wall, 1),
            **{k: find(doc, k) for k in keys}, **{f"pre.{k}": find(doc, f"pre.{k}") for k in keys}}
+    if (run_dir / "retention.json").exists():
+        row["curve"] = curve(run_dir, batch_size, doc.get("n_edits"))
     if "metake" in config:
         bins = subprocess.run([sys.executable, "benchmarks/realisation_bins.py", str(run_dir)], cwd=ROOT,
                               capture_output=True, text=True)
@@ -206,6 +256,18 @@ def plan(args, rows: dict) -> list[tuple[str, int | None, list[str]]]:
     if args.no_generations:
         common += ["--model.method.init_args.evaluator.fluency", "false",
                    "--model.method.init_args.evaluator.free_generation", "false"]
+    if args.curve_every:
+        if args.curve_every % args.batch_size:
+            raise SystemExit(f"--curve-every {args.curve_every}: must be a multiple of --batch_size {args.batch_size}")
+        steps = str(args.curve_every // args.batch_size)
+        common += ["--model.eval_every_n_steps", steps, "--trainer.callbacks+=lit_edit.monitor.Monitor",
+                   "--trainer.callbacks.every_n_steps", steps]
+        if args.drift_text:
+            common += ["--trainer.callbacks.text.dataset", args.drift_text,
+                       "--trainer.callbacks.text.text_field", args.drift_field]
+        elif args.model != "world:deep":
+            raise SystemExit("--curve-every on a real model needs --drift-text FILE (held-out text for the drift "
+                             "perplexity and top-1 agreement), e.g. ../shared/data/unke.json --drift-field answer")
     common += shlex.split(args.extra)
     todo = []
     for seed in args.seeds or [None]:
@@ -233,6 +295,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--jobs", type=int, default=1, help="children at once")
     ap.add_argument("--no-generations", action="store_true",
                     help="leave out sampled generations (fluency, free generation): minutes per record on a CPU")
+    ap.add_argument("--curve-every", type=int, default=0, metavar="EDITS",
+                    help="the retention curve (all live edits) and the monitor's drift every EDITS edits")
+    ap.add_argument("--drift-text", help="local text/JSON file of held-out text for the drift (real models)")
+    ap.add_argument("--drift-field", default="text", help="its text field (e.g. answer for unke.json)")
     ap.add_argument("--extra", default="", help="further overrides for every row (one string, shell-quoted)")
     ap.add_argument("--tag", default="main", help="the docs block the rows go to")
     ap.add_argument("--write", action="store_true", help="write the rows into docs/results.md")
@@ -252,24 +318,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results: dict[tuple[str, int | None], dict] = {}
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         seed_dir = lambda seed: Path(tmp) / ("" if seed is None else f"seed{seed}")  # noqa: E731
-        futures = {pool.submit(run_row, name, rows[name], extra, seed_dir(seed), keys, env, label_extra): (name, seed)
-                   for name, seed, extra in todo}
+        futures = {pool.submit(run_row, name, rows[name], extra, seed_dir(seed), keys, env, label_extra,
+                               args.batch_size): (name, seed) for name, seed, extra in todo}
         for fut in concurrent.futures.as_completed(futures):
             name, seed = futures[fut]
             row = results[(name, seed)] = {**fut.result(), "seed": seed}
-            print(f"ROW {json.dumps({k: v for k, v in row.items() if k != 'bins'})}", flush=True)
+            print(f"ROW {json.dumps({k: v for k, v in row.items() if k not in ('bins', 'curve')})}", flush=True)
             if row.get("bins"):
                 print(row["bins"], flush=True)
     runs = [results[(name, seed)] for name, seed, _ in todo]
     table_rows = [r for r in [pre_row(runs, keys)] if r] + [
         aggregate([r for r in runs if r["name"] == name], keys) for name in args.rows]
     print(table(table_rows, keys))
+    curves = curve_table(runs, keys)
+    if curves:
+        print(curves)
     summary = " ".join(f"{r['name']}_{k}={r[k][0]:.2f}" for r in table_rows for k in keys if r[k][0] is not None)
     print(f"RESULT {summary}")
     if args.write:
         bins = [f"{r['label']}{'' if r['seed'] is None else ' (seed %d)' % r['seed']}:\n\n```\n{r['bins']}\n```"
                 for r in runs if r.get("bins")]
-        write_block("method_compare", args.tag, command, [table(table_rows, keys), *bins])
+        write_block("method_compare", args.tag, command, [table(table_rows, keys), *([curves] if curves else []),
+                                                          *bins])
     return table_rows
 
 

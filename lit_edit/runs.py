@@ -436,12 +436,12 @@ FIXED = ("model.layers", "model.solver.class_path")  # settings no allow_changed
 
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(setting, checkpoint's value, this run's value) for every setting that differs. A setting the checkpoint does
-    not have (it was written before the setting existed) and this run leaves null is the same: a new option's null
-    is the behaviour from before it (e.g. ``data.order_seed``)."""
+    not have (it was written before the setting existed) and this run leaves null or false is the same: a new
+    option's null or false is the behaviour from before it (``data.order_seed``, ``data.drop_repeats``)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
-        if a is _ABSENT and b is None:
+        if a is _ABSENT and (b is None or b is False):
             continue
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             out.append((key, a, b))

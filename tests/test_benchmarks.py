@@ -108,7 +108,8 @@ def test_method_compare_plan_scores_the_unedited_model_once_and_seeds_each_child
     mc = bench("method_compare")
     rows = mc.rows_for("smollm2-135m", "counterfact")
     args = type("A", (), dict(offset=100, limit=40, batch_size=20, no_generations=True, extra="", seeds=[0, 1],
-                              rows=["alphaedit", "metake"], model="smollm2-135m", dataset="counterfact"))
+                              rows=["alphaedit", "metake"], model="smollm2-135m", dataset="counterfact",
+                              curve_every=0))
     todo = mc.plan(args, rows)
     assert [(n, s) for n, s, _ in todo] == [("alphaedit", 0), ("metake", 0), ("alphaedit", 1), ("metake", 1)]
     assert ["--model.eval_pre" in o for _, _, o in todo] == [False, True, True, True]
@@ -140,10 +141,16 @@ def test_method_compare_end_to_end_on_the_tiny_world(bench, tiny_world, monkeypa
         "alphaedit": ("configs/world/alphaedit.yaml", tiny + ["--model.method.init_args.v_num_grad_steps", "5"], "AE"),
         "metake": ("configs/world/metake.yaml", tiny + ["--model.method.init_args.T", "2",
                                                         "--model.method.init_args.base.v_num_grad_steps", "5"], "MK")})
-    rows = mc.main(["--rows", "alphaedit", "metake", "--limit", "4", "--batch_size", "2", "--seeds", "0", "1"])
+    rows = mc.main(["--rows", "alphaedit", "metake", "--limit", "4", "--batch_size", "2", "--seeds", "0", "1",
+                    "--curve-every", "2"])
     assert [r["name"] for r in rows] == ["pre", "alphaedit", "metake"]
     assert all(r["n"] == 2 for r in rows[1:]) and rows[0]["efficacy"][1] is None
     assert rows[1]["efficacy"][0] is not None and rows[1]["efficacy"][1] is not None
     out = capsys.readouterr().out
     assert out.count("corr(beta, beta_hat)") == 2 and "<tmp>/metake/" in out  # realisation_bins per MetaKE run
     assert out.strip().splitlines()[-1].startswith("RESULT pre_efficacy=")
+    # the retention curve and drift every 2 edits (each step here), for each of the 4 runs
+    assert "| run | measure | 2 | 4 |" in out
+    assert out.count("| retention efficacy |") == 4 and out.count("| perplexity |") == 4
+    with pytest.raises(SystemExit, match="multiple of --batch_size"):
+        mc.main(["--rows", "alphaedit", "--limit", "4", "--batch_size", "2", "--curve-every", "3"])

@@ -243,10 +243,13 @@ def test_settings_comparison_names_each_change_and_honours_prefixes():
 
 
 def test_a_setting_newer_than_the_checkpoint_is_the_same_when_left_null():
-    """A checkpoint written before a setting existed (no key) resumes when this run leaves the setting null (its
-    behaviour from before), and is refused when this run sets it."""
+    """A checkpoint written before a setting existed (no key) resumes when this run leaves the setting null or false
+    (its behaviour from before), and is refused when this run sets it."""
     saved = {"data.limit": 5}
-    assert runs.compare_settings(saved, {"data.limit": 5, "data.order_seed": None}, [], "c.ckpt") == []
+    assert runs.compare_settings(saved, {"data.limit": 5, "data.order_seed": None, "data.drop_repeats": False}, [],
+                                 "c.ckpt") == []
+    with pytest.raises(runs.CheckpointError, match="data.drop_repeats: checkpoint '<not set>', this run True"):
+        runs.compare_settings(saved, {"data.limit": 5, "data.drop_repeats": True}, [], "c.ckpt")
     with pytest.raises(runs.CheckpointError, match="data.order_seed: checkpoint '<not set>', this run 3"):
         runs.compare_settings(saved, {"data.limit": 5, "data.order_seed": 3}, [], "c.ckpt")
     with pytest.raises(runs.CheckpointError, match="data.limit: checkpoint 5, this run '<not set>'"):
