@@ -141,19 +141,14 @@ def fit_child(config: str, overrides: list[str], save: Path, name: str,
 def curve(run_dir: Path, batch_size: int, n_edits: int | None) -> list[dict]:
     """The run's retention curve and drift, one entry per evaluation step: ``edits`` written so far, the live edits'
     scores (retention.json, percent) and the monitor's drift/* scalars at that step (TensorBoard)."""
-    points = {}
-    for entry in json.loads((run_dir / "retention.json").read_text()):
-        edits = entry["step"] * batch_size if n_edits is None else min(entry["step"] * batch_size, n_edits)
-        points.setdefault(entry["step"], {"edits": edits, **entry.get("scores", {})})
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lit_edit.figures import drift_from_events, read_retention
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    for tag in ("drift/perplexity", "drift/agreement"):
-        if tag in acc.Tags()["scalars"]:
-            for e in acc.Scalars(tag):
-                if e.step in points:
-                    points[e.step][tag] = e.value
+    drift = dict(drift_from_events(run_dir))
+    points = {}
+    for entry in read_retention(run_dir):
+        step = entry["step"]
+        edits = step * batch_size if n_edits is None else min(step * batch_size, n_edits)
+        points.setdefault(step, {"edits": edits, **entry.get("scores", {}), **drift.get(step, {})})
     return [points[k] for k in sorted(points)]
 
 

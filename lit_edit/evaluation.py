@@ -35,7 +35,9 @@ class Scores:
         them."""
         mine = [requests[i] for i in dist.shard(len(requests))]
         scores = []
-        chunk = CHUNK if desc is None else getattr(self.evaluator, "shown_chunk", SHOWN_CHUNK) if full else SHOWN_CHUNK
+        chunk = CHUNK  # shown: smaller chunks, a generate() batch's worth when generations are scored
+        if desc is not None:
+            chunk = getattr(self.evaluator, "shown_chunk", SHOWN_CHUNK) if full else SHOWN_CHUNK
         with track(total=len(mine), desc=desc, unit="req", disable=desc is None or dist.rank() != 0 or
                    len(mine) <= chunk) as bar:
             for start in range(0, len(mine), chunk):  # chunks: the same scores, a live progress bar
