@@ -78,6 +78,73 @@ def test_longform_compare_keep_refuses_a_folder_with_an_earlier_run(bench, tmp_p
     assert f"--keep {tmp_path}" in err and "anyedit_sequential" in err and "muke_sequential" not in err
 
 
+def test_longform_compare_plans_a_real_models_runs(bench):
+    """issue 30 (3): on SmolLM2 every dataset has its shipped config; μKE, AnyEdit and One-for-All run the same
+    config with only the method changed; only the first child scores the unedited model; a world keeps its own
+    configs and layers. Settings that do not apply are refused by name before any fit."""
+    lc = bench("longform_compare")
+    args = lambda **kw: type("A", (), {**dict(model="smollm2-135m", dataset="unke", layers=None, offset=0, limit=3,  # noqa: E731
+                                              extra="", protocols=["independent", "sequential"],
+                                              methods=["muke", "anyedit", "one_for_all"], seq_batch_size=4), **kw})
+    for dataset in lc.DATASETS:
+        todo = lc.plan(args(dataset=dataset))
+        assert {c for _, _, c, _ in todo} == {f"configs/smollm2-135m/{dataset}_muke.yaml"}
+        assert (lc.ROOT / todo[0][2]).is_file()
+    todo = lc.plan(args())
+    assert [(m, p) for m, p, _, _ in todo] == [(m, p) for p in ("independent", "sequential")
+                                               for m in ("muke", "anyedit", "one_for_all")]
+    for method, protocol, _, o in todo:
+        assert o[o.index("--model.method.init_args.method") + 1] == method
+        assert o[o.index("--model.protocol") + 1] == protocol
+        assert o[o.index("--data.batch_size") + 1] == ("1" if protocol == "independent" else "4")
+        assert o[o.index("--data.offset") + 1] == "0" and o[o.index("--data.limit") + 1] == "3"
+    assert ["--model.eval_pre" in o for *_, o in todo] == [False] + [True] * 5
+    world = lc.plan(args(model="world:deep", dataset=None, offset=None))
+    assert [c for _, _, c, _ in world[:3]] == [f"configs/world/{m}.yaml" for m in ("muke", "anyedit", "one_for_all")]
+    assert world[0][3][world[0][3].index("--model.layers") + 1] == "[1, 2]" and "--data.offset" not in world[0][3]
+    with pytest.raises(SystemExit, match="--layers"):
+        lc.plan(args(layers="[1]"))
+    with pytest.raises(SystemExit, match="needs --dataset"):
+        lc.plan(args(dataset=None))
+    with pytest.raises(SystemExit, match="--dataset unke: a world"):
+        lc.plan(args(model="world:deep"))
+    with pytest.raises(SystemExit, match="--model gemma3-270m"):
+        lc.plan(args(model="gemma3-270m"))
+
+
+def test_longform_compare_end_to_end_on_the_tiny_world(bench, tiny_world, tmp_path, capsys):
+    """Both protocols of one method on the tiny world's long-form records: the unedited model is scored once, each
+    run's directory is kept with its per-record scores, and the last line is the RESULT line."""
+    lc = bench("longform_compare")
+    rows = lc.main(["--model", "world:tiny", "--layers", "[0, 1]", "--limit", "2", "--seq-batch-size", "2",
+                    "--methods", "anyedit", "--keep", str(tmp_path), "--extra", "--model.method.init_args.v_num_grad_steps 3"])
+    assert [(r["method"], r["protocol"], r["n"]) for r in rows] == [("anyedit", "independent", 2), ("anyedit", "sequential", 2)]
+    assert rows[0]["pre.bleu"] is not None and rows[1]["pre.bleu"] is None  # the unedited model scored once
+    assert all(sum(b["n"] for b in r["bins"]) == 2 and r["exact"] + r["zero"] <= 2 for r in rows)
+    assert len(list(tmp_path.glob("anyedit_*/*/version_0/scores.jsonl"))) == 2
+    out = capsys.readouterr().out
+    assert "| pre-edit |" in out and out.strip().splitlines()[-1].startswith("RESULT anyedit_independent_bleu=")
+
+
+def test_longform_compare_scores_per_category(bench):
+    """EditEverything's records carry a category: its table adds BLEU / ROUGE-L per category; UnKEBench's do not."""
+    lc = bench("longform_compare")
+    records = [{"category": c, "bleu": b, "rouge_l": r, "answer_tokens": 10}
+               for c, b, r in (("math", 10.0, 20.0), ("code", 0.0, 5.0), ("math", 30.0, 40.0))]
+    assert lc.by_category(records) == {"code": {"n": 1, "bleu": 0.0, "rouge_l": 5.0},
+                                       "math": {"n": 2, "bleu": 20.0, "rouge_l": 30.0}}
+    assert lc.by_category([{"category": None, "bleu": 1.0, "rouge_l": 1.0}]) == {}
+    assert lc.quartile_edges([80, 10, 20, 30, 40, 50, 60, 70]) == [10, 30, 50, 70]  # a real set's default bins
+    assert lc.quartile_edges([5, 5, 5]) == [5] and lc.quartile_edges([]) == [1]
+    bins = lc.length_bins([1, 64])
+    row = {"method": "muke", "protocol": "independent", "n": 3, "wall_s": 5.0, "exact": 0, "zero": 1,
+           "target_loss": 0.5, "bins": lc.by_length(records, bins), "categories": lc.by_category(records),
+           **{k: 1.0 for k in lc.KEYS}, **{f"pre.{k}": 0.5 for k in lc.KEYS}}
+    text = lc.table([row], bins)
+    assert "| pre-edit | | | 0.50 |" in text and "| 0 / 1 | 0.50 | 5 s |" in text
+    assert "| method | protocol | code | math |" in text and "20.00 / 30.00 (n = 2)" in text
+
+
 def test_real_model_benchmark_at_tiny_shapes(bench, tiny_world, capsys):
     """benchmarks/real_model.py end to end on the tiny fact world: the run's phases are read back from its TensorBoard
     events, the per-request baseline's v* agrees with the batched one, and the last line is the RESULT line."""
