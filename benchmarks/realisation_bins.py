@@ -2,6 +2,12 @@
 predicted β and empirical β̂ (± standard error) per bin, and efficacy per bin (from scores.jsonl); then efficacy of
 the top and bottom 20 % by ρ (the groups of the paper's KL-strength sweep).
 
+Where the ledger has them (runs since issue 30), each bin also shows why MetaKE moved its targets as far as it did:
+``resid`` ‖V − h_L‖, the residual the solver was asked to realise, and ``unreal`` (1 − β̂)‖V − h_L‖, the part it did
+not; ``shift`` ‖V − v*‖, how far the refinement moved the target, and ``reach`` ‖∇L_meta(v*)‖ / (2 w_anchor), how far
+the anchor lets it move (the meta-loss's stationary point to first order). ``reach`` ≪ ``unreal`` means the anchor,
+not the solver, is what keeps MetaKE at v*.
+
     python benchmarks/realisation_bins.py runs/world_metake/version_0 [more run dirs ...] [--bins 13]
 
 A run dir needs ``edits.jsonl`` with per-request ``rho``/``beta``/``beta_hat`` (written by MetaKE runs, any
@@ -37,6 +43,14 @@ def load(run: Path) -> list[dict]:
     return rows
 
 
+WHY = ("residual", "unreal", "shift", "reach")  # printed as resid / unreal / shift / reach when every row has them
+
+
+def why_value(row: dict, key: str) -> float:
+    """A request's ``key`` of WHY; ``unreal`` = (1 − β̂)·‖V − h_L‖, the residual the solver left unrealised."""
+    return (1.0 - row["beta_hat"]) * row["residual"] if key == "unreal" else row[key]
+
+
 def mean_se(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     if len(xs) < 2:
@@ -58,23 +72,26 @@ def pearson(x: list[float], y: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sx * sy) if sx and sy else float("nan")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--bins", type=int, default=13)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     results = []
     for run in args.runs:
         rows = load(run)
         print(f"\n{run}: {len(rows)} requests")
-        print(f"{'bin':>4} {'n':>4} {'rho':>10} {'beta':>7} {'beta_hat':>16} {'eff. %':>9}")
+        why = [k for k in WHY if all(k in r or (k == "unreal" and "residual" in r and "beta_hat" in r) for r in rows)]
+        print(f"{'bin':>4} {'n':>4} {'rho':>10} {'beta':>7} {'beta_hat':>16} {'eff. %':>9}"
+              + "".join(f" {'resid' if k == 'residual' else k:>9}" for k in why))
         for i, b in enumerate(bins(rows, args.bins)):
             rho = sum(r["rho"] for r in b) / len(b)
             beta = sum(r["beta"] for r in b) / len(b)
             bh, se = mean_se([r.get("beta_hat", float("nan")) for r in b])
             eff = [r["efficacy"] for r in b if r["efficacy"] is not None]
             print(f"{i:>4} {len(b):>4} {rho:>10.4g} {beta:>7.3f} {bh:>9.3f} ± {se:<5.3f} "
-                  f"{sum(eff) / len(eff) if eff else float('nan'):>9.1f}")
+                  f"{sum(eff) / len(eff) if eff else float('nan'):>9.1f}"
+                  + "".join(f" {sum(why_value(r, k) for r in b) / len(b):>9.4g}" for k in why))
         k = max(1, len(rows) // 5)
         by_rho = sorted(rows, key=lambda r: r["rho"])
         low, high = by_rho[:k], by_rho[-k:]

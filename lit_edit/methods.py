@@ -340,7 +340,8 @@ class MetaKE(MetaKEConfig, TargetMethod):
         if ref.fidelity is not None:
             logs.update({f"metake/{k}": v for k, v in ref.fidelity.items()})
         return ref.V.to(res.v_star.dtype), {"logs": logs, "histograms": {"metake/beta": ref.beta, "metake/rho": ref.rho},
-                                            "refinement": ref}
+                                            "refinement": ref,
+                                            "shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).detach().cpu()}
 
     def after_write(self, columns, writes, Z, info) -> dict:
         """Empirical realisation β̂_i = ⟨h_L^post − h_L^pre, r_i⟩ / ‖r_i‖² with r = V − h_L^pre, end to end at the
@@ -351,13 +352,22 @@ class MetaKE(MetaKEConfig, TargetMethod):
         r = Z.to(ref.H) - ref.H
         beta_hat = ((post - ref.H) * r).sum(-1) / (r.pow(2).sum(-1) + 1e-12)
         return {"logs": {"metake/beta_hat_mean": beta_hat.mean()}, "histograms": {"metake/beta_hat": beta_hat},
-                "beta_hat": beta_hat.detach().cpu()}
+                "beta_hat": beta_hat.detach().cpu(), "residual": r.norm(dim=-1).detach().cpu()}
 
-    def ledger_fields(self, info: dict, j: int) -> dict:  # §7.5 per request (benchmarks/realisation_bins.py)
+    def ledger_fields(self, info: dict, j: int) -> dict:
+        """§7.5 per request (benchmarks/realisation_bins.py): ρ, β, β̂; and why a target moved as far as it did:
+        ``shift`` ‖V − V_init‖ (how far the refinement moved it), ``reach`` ‖∇_V L_meta(V_init)‖ / (2 w_anchor) (how
+        far the anchor lets it move: the meta-loss's stationary point, to first order, Eq. 9) and ``residual``
+        ‖V − h_L‖ (what the solver was asked to realise; (1 − β̂) of it stays unrealised)."""
         ref = info["refinement"]
         out = {"rho": float(ref.rho[j]), "beta": float(ref.beta[j])}
-        if "beta_hat" in info:
-            out["beta_hat"] = float(info["beta_hat"][j])
+        if "shift" in info:
+            out["shift"] = float(info["shift"][j])
+        if ref.grad_start is not None and self.w_anchor > 0:
+            out["reach"] = float(ref.grad_start[j]) / (2 * self.w_anchor)
+        for key in ("beta_hat", "residual"):
+            if key in info:
+                out[key] = float(info[key][j])
         return out
 
 

@@ -51,6 +51,25 @@ def test_realisation_bins_reads_percent_and_fractions(bench, tmp_path):
         assert [r["efficacy"] for r in rb.load(run)] == [0.0, 100.0, 0.0, 100.0]
 
 
+def test_realisation_bins_says_why_per_rho_bin(bench, tmp_path, capsys):
+    """Per ρ bin, the residual the solver was asked to realise, the part it left ((1 − β̂)·residual), the refinement's
+    shift and the anchor's reach: the bin means of the ledger's per-request values."""
+    import json
+
+    rb = bench("realisation_bins")
+    (tmp_path / "edits.jsonl").write_text("".join(json.dumps(
+        {"case_id": i, "rho": float(i), "beta": 0.5, "beta_hat": 0.5 + 0.1 * i, "residual": 10.0 * (i + 1),
+         "shift": 0.01 * i, "reach": 0.02 * i}) + "\n" for i in range(4)))
+    (tmp_path / "scores.jsonl").write_text("".join(json.dumps({"case_id": i, "efficacy": 100.0}) + "\n" for i in range(4)))
+    rb.main([str(tmp_path), "--bins", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.strip().startswith("bin"))
+    assert head.split()[-4:] == ["resid", "unreal", "shift", "reach"]
+    first = next(line for line in lines if line.split()[:2] == ["0", "2"]).split()
+    # bin 0 holds requests 0 and 1: residual (10 + 20) / 2, unrealised (0.5·10 + 0.4·20) / 2, shift, reach
+    assert [float(x) for x in first[-4:]] == pytest.approx([15.0, 6.5, 0.005, 0.01])
+
+
 def test_longform_compare_bins_records_by_answer_length(bench):
     """benchmarks/longform_compare.py's by-length columns: each record in the bin of its answer_tokens (edges
     inclusive below, the last bin open above), the mean of that bin's scores, an empty bin None."""

@@ -186,6 +186,13 @@ def test_metake_in_the_fit_loop_logs_its_diagnostics(tiny_world, tmp_path):
     beta = [e.value for e in ea.Scalars("metake/beta_mean")]
     assert all(0.0 <= b < 1.0 for b in beta)
     assert json.loads((Path(trainer.log_dir) / "metrics.json").read_text())["n_edits"] == 10
+    # the ledger's per-request diagnostics (benchmarks/realisation_bins.py) are the logged batch means, request by request
+    ledger = [json.loads(x) for x in (Path(trainer.log_dir) / "edits.jsonl").read_text().splitlines()]
+    assert len(ledger) == 10 and all(e["residual"] > 0 and 0 <= e["shift"] for e in ledger)
+    for step, tag, key, scale in ((0, "metake/target_shift", "shift", 1.0), (1, "metake/target_shift", "shift", 1.0),
+                                  (0, "metake/grad_norm_start", "reach", 2 * module.method.w_anchor)):
+        logged = [e.value for e in ea.Scalars(tag)][step]
+        assert sum(scale * e[key] for e in ledger[5 * step:5 * step + 5]) / 5 == pytest.approx(logged, rel=1e-5)
 
 
 def test_proxy_fidelity_is_exact_for_one_layer_and_measured_for_several(tiny_world):
