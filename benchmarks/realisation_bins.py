@@ -32,6 +32,8 @@ def load(run: Path) -> list[dict]:
     for line in (run / "edits.jsonl").read_text().splitlines():
         e = json.loads(line)
         if "rho" in e and e["case_id"] in scores:  # still a live edit at the end (not replaced or removed)
+            if "residual" in e and "beta_hat" in e:  # the part of the residual the solver left unrealised
+                e["unreal"] = (1.0 - e["beta_hat"]) * e["residual"]
             rows.append({**e, "efficacy": scores[e["case_id"]].get("efficacy")})
     if not rows:
         raise SystemExit(f"{run}: no per-request rho in edits.jsonl (not a MetaKE run?) or no scores.jsonl")
@@ -44,11 +46,6 @@ def load(run: Path) -> list[dict]:
 
 
 WHY = ("residual", "unreal", "shift", "reach")  # printed as resid / unreal / shift / reach when every row has them
-
-
-def why_value(row: dict, key: str) -> float:
-    """A request's ``key`` of WHY; ``unreal`` = (1 − β̂)·‖V − h_L‖, the residual the solver left unrealised."""
-    return (1.0 - row["beta_hat"]) * row["residual"] if key == "unreal" else row[key]
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -81,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     for run in args.runs:
         rows = load(run)
         print(f"\n{run}: {len(rows)} requests")
-        why = [k for k in WHY if all(k in r or (k == "unreal" and "residual" in r and "beta_hat" in r) for r in rows)]
+        why = [k for k in WHY if all(k in r for r in rows)]
         print(f"{'bin':>4} {'n':>4} {'rho':>10} {'beta':>7} {'beta_hat':>16} {'eff. %':>9}"
               + "".join(f" {'resid' if k == 'residual' else k:>9}" for k in why))
         for i, b in enumerate(bins(rows, args.bins)):
@@ -91,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             eff = [r["efficacy"] for r in b if r["efficacy"] is not None]
             print(f"{i:>4} {len(b):>4} {rho:>10.4g} {beta:>7.3f} {bh:>9.3f} ± {se:<5.3f} "
                   f"{sum(eff) / len(eff) if eff else float('nan'):>9.1f}"
-                  + "".join(f" {sum(why_value(r, k) for r in b) / len(b):>9.4g}" for k in why))
+                  + "".join(f" {sum(r[k] for r in b) / len(b):>9.4g}" for k in why))
         k = max(1, len(rows) // 5)
         by_rho = sorted(rows, key=lambda r: r["rho"])
         low, high = by_rho[:k], by_rho[-k:]

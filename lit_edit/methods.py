@@ -332,16 +332,17 @@ class MetaKE(MetaKEConfig, TargetMethod):
         with torch.enable_grad():
             ref = refine_targets(e.llm, e.tok, e.layout, e.solver, e.layers, writes, e.context, res.v_star, self.base,
                                  self, own=own)
+        shift = (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).detach()  # [n] ‖V − v*‖, logged and in the ledger
         logs = {"metake/loss_start": ref.history[0], "metake/loss_end": ref.history[-1],
                 "metake/nll_end": ref.nll.mean(), "metake/beta_mean": ref.beta.mean(),
                 "metake/rho_mean": ref.rho.mean(),
-                "metake/target_shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).mean(),
+                "metake/target_shift": shift.mean(),
                 "metake/grad_norm_start": ref.grad_start.mean()}
         if ref.fidelity is not None:
             logs.update({f"metake/{k}": v for k, v in ref.fidelity.items()})
         return ref.V.to(res.v_star.dtype), {"logs": logs, "histograms": {"metake/beta": ref.beta, "metake/rho": ref.rho},
                                             "refinement": ref,
-                                            "shift": (ref.V - res.v_star.to(ref.V.dtype)).norm(dim=-1).detach().cpu()}
+                                            "shift": shift.cpu()}
 
     def after_write(self, columns, writes, Z, info) -> dict:
         """Empirical realisation β̂_i = ⟨h_L^post − h_L^pre, r_i⟩ / ‖r_i‖² with r = V − h_L^pre, end to end at the
