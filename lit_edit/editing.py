@@ -114,6 +114,32 @@ def compute_block_states(model, tok, layout, layer: int, requests: list[EditRequ
     return got[layer]
 
 
+def post_norm_map(norm: nn.Module, W: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear map r ↦ d of :func:`through_post_norm` at the keys ``K`` [d_in, n]: (scale [d_out, n], v [d_out, n])
+    with d = scale ⊙ (r − v vᵀr) per column (:func:`apply_post_norm_map`). Differentiable in ``W`` and ``K`` (MetaKE's
+    true hypergradient differentiates through keys that move with lower layers' writes); float64."""
+    dt = torch.float64
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
+    ones = torch.ones(1, W.shape[0], device=W.device, dtype=next(norm.parameters()).dtype)
+    with torch.no_grad():
+        g = norm(ones)[0].to(dt) * (1.0 + eps) ** 0.5
+    # a coordinate whose gain is (nearly) 0 cannot be moved at all, or only by a huge output change that would wreck
+    # the linearisation: its share of r is left out (ginv 0 there, and v is 0 there too). Gemma-3-270M's gains (1 + w)
+    # at layers 4-8 have medians 6-19 and 1 % quantiles down to 0.002; the cut is 1 % of the median
+    ok = g.abs() > 1e-2 * g.abs().median()
+    ginv = torch.where(ok, 1.0 / torch.where(ok, g, torch.ones_like(g)), torch.zeros_like(g))[:, None]
+    M = W.to(dt) @ K.to(dt)  # [d_out, n]: the matrix's current outputs at the keys
+    rho = (M.pow(2).mean(0) + eps).sqrt()  # [n]
+    v = M * ginv
+    v = v / v.norm(dim=0).clamp(min=1e-30)
+    return ginv * rho, v
+
+
+def apply_post_norm_map(scale: torch.Tensor, v: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """d = scale ⊙ (r − v vᵀr) for every column of ``R`` [d_out, n] (:func:`post_norm_map`); linear in R."""
+    return scale * (R - v * (v * R).sum(0))
+
+
 @torch.no_grad()
 def through_post_norm(norm: nn.Module, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """The change of the edited matrix's output that moves the residual by ``R`` when an RMSNorm with an elementwise
@@ -122,25 +148,11 @@ def through_post_norm(norm: nn.Module, W: torch.Tensor, K: torch.Tensor, R: torc
     residual direction v = m / g (normalised) cannot be reached (vᵀ J = 0). Per column, d = ρ · (r − v v·r) / g is the
     least-squares solution of J d = r: J d is r less its part along v (m̂ · d = 0, so no ρ change). The §4 layer loop
     re-reads h_L after each layer, so later layers (other m, other v) take up that part and what the linearisation
-    missed. Coordinates whose gain is under 1 % of the median gain are left out (below). g is read from the module
-    itself (its output for an all-ones input, whose ρ is (1 + ε)^½), so Gemma's (1 + w) and a plain w gain both work.
-    ``W`` [d_out, d_in], ``K`` [d_in, n], ``R`` [d_out, n]; zero columns stay zero."""
-    dt = torch.float64
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
-    ones = torch.ones(1, W.shape[0], device=W.device, dtype=next(norm.parameters()).dtype)
-    g = norm(ones)[0].to(dt) * (1.0 + eps) ** 0.5
-    # a coordinate whose gain is (nearly) 0 cannot be moved at all, or only by a huge output change that would wreck
-    # the linearisation: its share of r is left out. Gemma-3-270M's gains (1 + w) at layers 4-8 have medians 6-19 and
-    # 1 % quantiles down to 0.002; the cut is 1 % of the median
-    ok = g.abs() > 1e-2 * g.abs().median()
-    ginv = torch.where(ok, 1.0 / torch.where(ok, g, torch.ones_like(g)), torch.zeros_like(g))[:, None]
-    M = W.to(dt) @ K.to(dt)  # [d_out, n]: the matrix's current outputs at the keys
-    rho = (M.pow(2).mean(0) + eps).sqrt()  # [n]
-    v = M * ginv
-    v = v / v.norm(dim=0).clamp(min=1e-30)
-    Rd = R.to(dt) * ok[:, None]
-    reach = Rd - v * (v * Rd).sum(0)  # the part of r the norm can realise
-    return (reach * ginv * rho).to(R.dtype)
+    missed. Coordinates whose gain is under 1 % of the median gain are left out (:func:`post_norm_map`). g is read
+    from the module itself (its output for an all-ones input, whose ρ is (1 + ε)^½), so Gemma's (1 + w) and a plain
+    w gain both work. ``W`` [d_out, d_in], ``K`` [d_in, n], ``R`` [d_out, n]; zero columns stay zero."""
+    scale, v = post_norm_map(norm, W, K)
+    return apply_post_norm_map(scale, v, R.to(scale.dtype)).to(R.dtype)
 
 
 def layer_residuals(layers: list[int], Z: torch.Tensor, keys, states):

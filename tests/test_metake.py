@@ -10,7 +10,7 @@ import torch
 
 from lit_edit.data import EditDataModule
 from lit_edit.editing import compute_keys
-from lit_edit.layouts import edited_module, get_weight
+from lit_edit.layouts import edited_module, get_layout as model_layout, get_weight
 from lit_edit.metake import MetaKEConfig, MetaObjective, key_only_gate, realisation, refine_targets
 from lit_edit.methods import MetaKE, VStar
 from lit_edit.module import EditModule
@@ -222,3 +222,47 @@ def test_divergent_refinement_is_reported(tiny_world):
     assert torch.equal(get_weight(module.llm, module.layout, LAYER), before)
     with torch.enable_grad(), pytest.warns(RuntimeWarning, match="raised the meta-loss"):
         refine_targets(*args, MetaKEConfig(T=15, eta=5.0))  # measured: 5.0 -> 4.9e26, still finite
+
+
+def test_look_ahead_equals_the_write_through_gemmas_post_norm():
+    """Gemma 3's edited matrix feeds an RMSNorm before the residual sum, so the write maps the residual through that
+    norm before the solve (editing.through_post_norm). The look-ahead must respond as that write does: at one edited
+    layer, the virtual model W_L + D(V − H)ᵀM gives the same block-L states and the same L_meta as the model after
+    the actual apply_batch of V, to float64 round-off. Without the map (the residual itself through the gate) the
+    states move elsewhere."""
+    from lit_edit.editing import FactColumns, apply_batch, compute_block_states
+    from lit_edit.hooks import add_to_output
+    from lit_edit.targets import TargetConfig
+    from tests.helpers import tiny_requests, tiny_tokenizer
+    from tests.test_truncated import CTX, family_model, memit_solver
+
+    tok = tiny_tokenizer()
+    model = family_model("gemma3_text", len(tok))
+    with torch.no_grad():  # gains unlike 1 at every coordinate, as a trained Gemma's (the tiny model's are all 1)
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(-0.5, 2.0, generator=torch.Generator().manual_seed(4))
+    layout, reqs, layer, tcfg = model_layout(model), tiny_requests(), 1, TargetConfig(v_num_grad_steps=3)
+    solver = memit_solver(model, layout, [layer])
+    H = compute_block_states(model, tok, layout, layer, reqs, tcfg.fact_token)
+    V = H + 0.2 * H.norm(dim=1, keepdim=True) * torch.nn.functional.normalize(
+        torch.randn(H.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64), dim=1)
+    obj = MetaObjective(model, tok, layout, solver, [layer], reqs, CTX, V, tcfg, MetaKEConfig())
+    assert obj.post is not None and obj.P is None  # the look-ahead runs block L, through the real norm
+
+    def states_with(R):
+        with add_to_output(obj.module, lambda x: (x.to(obj.dt) @ obj.M.T) @ R):
+            return compute_block_states(model, tok, layout, layer, reqs, tcfg.fact_token)
+
+    with torch.no_grad():
+        look, look_states = obj.loss(V)[0], states_with(obj.proxy_residual(V))
+        unmapped = states_with(V - obj.H)
+        apply_batch(model, layout, solver, [layer], reqs, V, FactColumns(tok, reqs, CTX, tcfg.fact_token))
+        written, written_states = obj.loss_in_current_model(V)[0], compute_block_states(model, tok, layout, layer,
+                                                                                           reqs, tcfg.fact_token)
+    torch.testing.assert_close(look_states, written_states, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(look, written, rtol=1e-9, atol=1e-11)
+    moved = (written_states - H).norm()
+    # the write moves the states (a few % of V − H at λ 5), and the unmapped look-ahead lands far from where it does
+    assert moved > 1e-2 * (V - H).norm() and (unmapped - written_states).norm() > moved, \
+        ((unmapped - written_states).norm(), moved)
