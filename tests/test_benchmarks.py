@@ -240,3 +240,26 @@ def test_method_compare_end_to_end_on_the_tiny_world(bench, tiny_world, monkeypa
     assert out.count("| retention efficacy |") == 4 and out.count("| perplexity |") == 4
     with pytest.raises(SystemExit, match="multiple of --batch_size"):
         mc.main(["--rows", "alphaedit", "--limit", "4", "--batch_size", "2", "--curve-every", "3"])
+
+
+SHARED_UNKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "unke.json"
+
+
+def test_window_tune_refuses_reported_records(bench):
+    """Settings are chosen on dev records only: a record at or after the config's data.offset is refused before
+    any model is loaded."""
+    with pytest.raises(SystemExit, match=r"--records \[100\].*data.offset 100"):
+        bench("window_tune").main(["--records", "0", "100"])
+
+
+@pytest.mark.skipif(not SHARED_UNKE.is_file(), reason="needs ../shared/data/unke.json beside the checkout")
+def test_window_tune_measures_how_far_the_targets_reach(bench, capsys):
+    """On SmolLM2 and UnKEBench's dev record 0: one step (no update: z = h_init) leaves every window's NLL where the
+    model has it; three Adam steps lower the mean; the table has a row per setting and the RESULT line names the
+    better one."""
+    rows = bench("window_tune").main(["--records", "0", "--method", "anyedit", "--steps", "1", "3"])
+    assert [r["steps"] for r in rows] == [1, 3] and rows[0]["windows"] == rows[1]["windows"] > 1
+    assert rows[1]["mean_nll"] < rows[0]["mean_nll"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("| 30 |") for line in out) == 2
+    assert out[-1].startswith("RESULT method=anyedit records=1 settings=2 best_window=30 best_steps=3 ")
