@@ -11,7 +11,7 @@ not the solver, is what keeps MetaKE at v*.
     python benchmarks/realisation_bins.py runs/world_metake/version_0 [more run dirs ...] [--bins 13]
 
 A run dir needs ``edits.jsonl`` with per-request ``rho``/``beta``/``beta_hat`` (written by MetaKE runs, any
-``bilevel``, so ``metake.bilevel: none`` gives the plain solver's diagnostics) and ``scores.jsonl``.
+``bilevel``, so ``metake.bilevel: none`` gives the plain solver's diagnostics) and ``scores.jsonl``. Efficacy is CounterFact's ``efficacy`` or, for ZsRE, its analogue ``rewrite_acc``.
 
 Efficacy is printed in percent, the unit of ``scores.jsonl`` (lit_edit/report.py); a run written before scores were
 reported in percent (every efficacy a fraction, none above 1) is scaled to percent.
@@ -24,6 +24,9 @@ import math
 from pathlib import Path
 
 
+EFFICACY = ("efficacy", "rewrite_acc")  # CounterFact's efficacy; ZsRE's rewrite accuracy, its analogue
+
+
 def load(run: Path) -> list[dict]:
     scores = {}
     if (run / "scores.jsonl").exists():
@@ -34,7 +37,8 @@ def load(run: Path) -> list[dict]:
         if "rho" in e and e["case_id"] in scores:  # still a live edit at the end (not replaced or removed)
             if "residual" in e and "beta_hat" in e:  # the part of the residual the solver left unrealised
                 e["unreal"] = (1.0 - e["beta_hat"]) * e["residual"]
-            rows.append({**e, "efficacy": scores[e["case_id"]].get("efficacy")})
+            score = scores[e["case_id"]]
+            rows.append({**e, "efficacy": next((score[k] for k in EFFICACY if score.get(k) is not None), None)})
     if not rows:
         raise SystemExit(f"{run}: no per-request rho in edits.jsonl (not a MetaKE run?) or no scores.jsonl")
     effs = [r["efficacy"] for r in rows if r["efficacy"] is not None]
@@ -92,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         k = max(1, len(rows) // 5)
         by_rho = sorted(rows, key=lambda r: r["rho"])
         low, high = by_rho[:k], by_rho[-k:]
-        eff = lambda g: sum(r["efficacy"] for r in g) / len(g)  # noqa: E731
+        def eff(g):  # mean over the requests that have a score (nan: none has)
+            xs = [r["efficacy"] for r in g if r["efficacy"] is not None]
+            return sum(xs) / len(xs) if xs else float("nan")
+
         r_bb = pearson([r["beta"] for r in rows if "beta_hat" in r], [r["beta_hat"] for r in rows if "beta_hat" in r])
         print(f"efficacy (%) bottom 20 % by rho {eff(low):.1f}, top 20 % {eff(high):.1f}; "
               f"corr(beta, beta_hat) {r_bb:.3f}")

@@ -51,6 +51,21 @@ def test_realisation_bins_reads_percent_and_fractions(bench, tmp_path):
         assert [r["efficacy"] for r in rb.load(run)] == [0.0, 100.0, 0.0, 100.0]
 
 
+def test_realisation_bins_reads_zsre_rewrite_accuracy(bench, tmp_path, capsys):
+    """A ZsRE run's scores.jsonl has rewrite_acc, efficacy's analogue, and no efficacy: the bins and the bottom / top
+    20 % by ρ read it."""
+    import json
+
+    rb = bench("realisation_bins")
+    (tmp_path / "edits.jsonl").write_text("".join(
+        json.dumps({"case_id": i, "rho": 0.1 * i, "beta": 0.5, "beta_hat": 0.5 + 0.1 * i}) + "\n" for i in range(5)))
+    (tmp_path / "scores.jsonl").write_text("".join(
+        json.dumps({"case_id": i, "rewrite_acc": 25.0 * i, "paraphrase_acc": 0.0}) + "\n" for i in range(5)))
+    assert [r["efficacy"] for r in rb.load(tmp_path)] == [0.0, 25.0, 50.0, 75.0, 100.0]
+    rb.main([str(tmp_path), "--bins", "5"])
+    assert "bottom 20 % by rho 0.0, top 20 % 100.0" in capsys.readouterr().out
+
+
 def test_realisation_bins_says_why_per_rho_bin(bench, tmp_path, capsys):
     """Per ρ bin, the residual the solver was asked to realise, the part it left ((1 − β̂)·residual), the refinement's
     shift and the anchor's reach: the bin means of the ledger's per-request values."""
