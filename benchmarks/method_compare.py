@@ -39,11 +39,14 @@ stream of the shared data is CounterFact then the MQuAKE-CF rewrites, 618 distin
         --drift-text ../shared/data/unke.json --drift-field answer \
         --extra "--data.path '[../shared/data/counterfact_sample.json, ../shared/data/akew_mquake.json]' \
                  --data.drop_repeats true"                                              # issue 30 (2)
+    python benchmarks/method_compare.py --model smollm2-135m --dataset zsre --rows alphaedit relaxed --offset 100 \
+        --limit 40 --seeds 1 2 --keep runs/zsre    # keep the run directories (realisation_bins.py on them later)
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--extra", default="", help="further overrides for every row (one string, shell-quoted)")
     ap.add_argument("--tag", default="main", help="the docs block the rows go to")
     ap.add_argument("--write", action="store_true", help="write the rows into docs/results.md")
+    ap.add_argument("--keep", type=Path, help="keep every run's directory (metrics.json, scores.jsonl, edits.jsonl) "
+                    "under this folder instead of a temporary one, e.g. for benchmarks/realisation_bins.py later")
     args = ap.parse_args(argv)
     if args.model == "world:deep" and args.dataset != "counterfact":
         ap.error("--dataset: the deep world has its own stream")
@@ -311,7 +316,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
     label_extra = f" + `{args.extra}`" if args.extra else ""
     results: dict[tuple[str, int | None], dict] = {}
-    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    if args.keep is not None:  # each run's directory must be new: fit_child reads the one metrics.json under it
+        taken = sorted({str(Path("" if s is None else f"seed{s}") / n) for n, s, _ in todo
+                        if (args.keep / ("" if s is None else f"seed{s}") / n).exists()})
+        if taken:
+            ap.error(f"--keep {args.keep}: already holds {', '.join(taken)} from an earlier run; give a new folder")
+    with (tempfile.TemporaryDirectory() if args.keep is None else contextlib.nullcontext(args.keep)) as tmp, \
+            concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         seed_dir = lambda seed: Path(tmp) / ("" if seed is None else f"seed{seed}")  # noqa: E731
         futures = {pool.submit(run_row, name, rows[name], extra, seed_dir(seed), keys, env, label_extra,
                                args.batch_size): (name, seed) for name, seed, extra in todo}

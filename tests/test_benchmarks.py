@@ -257,6 +257,16 @@ def test_method_compare_end_to_end_on_the_tiny_world(bench, tiny_world, monkeypa
         mc.main(["--rows", "alphaedit", "--limit", "4", "--batch_size", "2", "--curve-every", "3"])
 
 
+def test_method_compare_keep_refuses_a_folder_with_earlier_runs(bench, tmp_path, capsys):
+    """--keep keeps each run's directory under seed<S>/<row>; a folder that already holds one of them is refused before
+    any child starts (fit_child reads the one metrics.json under a row's folder)."""
+    mc = bench("method_compare")
+    (tmp_path / "seed1" / "metake").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        mc.main(["--rows", "alphaedit", "metake", "--seeds", "0", "1", "--keep", str(tmp_path)])
+    assert "already holds seed1/metake from an earlier run" in capsys.readouterr().err
+
+
 SHARED_UNKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "unke.json"
 
 
