@@ -128,7 +128,7 @@ def post_norm_map(norm: nn.Module, W: torch.Tensor, K: torch.Tensor) -> tuple[to
     # at layers 4-8 have medians 6-19 and 1 % quantiles down to 0.002; the cut is 1 % of the median
     ok = g.abs() > 1e-2 * g.abs().median()
     ginv = torch.where(ok, 1.0 / torch.where(ok, g, torch.ones_like(g)), torch.zeros_like(g))[:, None]
-    M = W.to(dt) @ K.to(dt)  # [d_out, n]: the matrix's current outputs at the keys
+    M = W.to(dt) @ K.to(W.device, dt)  # [d_out, n]: the matrix's current outputs at the keys
     rho = (M.pow(2).mean(0) + eps).sqrt()  # [n]
     v = M * ginv
     v = v / v.norm(dim=0).clamp(min=1e-30)
