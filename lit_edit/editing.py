@@ -140,7 +140,6 @@ def apply_post_norm_map(scale: torch.Tensor, v: torch.Tensor, R: torch.Tensor) -
     return scale * (R - v * (v * R).sum(0))
 
 
-@torch.no_grad()
 def through_post_norm(norm: nn.Module, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """The change of the edited matrix's output that moves the residual by ``R`` when an RMSNorm with an elementwise
     gain g sits between them (Gemma 3's post-feed-forward norm): y = g ⊙ m / ρ(m), ρ(m) = (mean(m²) + ε)^½, m = W k.
@@ -150,7 +149,8 @@ def through_post_norm(norm: nn.Module, W: torch.Tensor, K: torch.Tensor, R: torc
     re-reads h_L after each layer, so later layers (other m, other v) take up that part and what the linearisation
     missed. Coordinates whose gain is under 1 % of the median gain are left out (:func:`post_norm_map`). g is read
     from the module itself (its output for an all-ones input, whose ρ is (1 + ε)^½), so Gemma's (1 + w) and a plain
-    w gain both work. ``W`` [d_out, d_in], ``K`` [d_in, n], ``R`` [d_out, n]; zero columns stay zero."""
+    w gain both work. ``W`` [d_out, d_in], ``K`` [d_in, n], ``R`` [d_out, n]; zero columns stay zero. Differentiable
+    (MetaKE's true hypergradient, :func:`lit_edit.metake.solved_meta_loss`); the write calls it without gradients."""
     scale, v = post_norm_map(norm, W, K)
     return apply_post_norm_map(scale, v, R.to(scale.dtype)).to(R.dtype)
 
@@ -298,7 +298,8 @@ def apply_batch(model, layout, solver, layers: list[int], requests: list, Z: tor
                 stats.request_residual[l] = R[:, : cols.n_targets].norm(dim=0).tolist()
                 norm = post_norm_module(model, layout, l)
                 if norm is not None:  # R is a change of the residual: the matrix must move its output by J⁺R
-                    R = through_post_norm(norm, get_weight(model, layout, l), K, R)
+                    with torch.no_grad():
+                        R = through_post_norm(norm, get_weight(model, layout, l), K, R)
                 raw[l] = solver.solve(l, K, R)
                 _check_finite(raw[l], l)
                 values[l] = W_before[l].double() @ K.double() + R.double()  # what this layer is asked to store

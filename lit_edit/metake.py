@@ -32,7 +32,7 @@ import torch
 from lit_edit import checks
 from lit_edit.distributed import all_reduce_sum
 from lit_edit.editing import (apply_post_norm_map, capture_at, compute_block_states, compute_keys, layer_residuals,
-                              post_norm_map)
+                              post_norm_map, through_post_norm)
 from lit_edit.hooks import add_to_output, capture_inputs
 from lit_edit.layouts import block_module, edited_module, get_weight, post_norm_module
 from lit_edit.targets import TargetConfig, build_target_batch, hidden_size, opt_dtype, request_losses
@@ -115,12 +115,12 @@ class MetaObjective:
         self.M = M.detach().to(dev, self.dt)
         # where layer L's matrix output passes a norm before the residual sum (Gemma 3), the write maps the residual
         # R through it before the solve (editing.through_post_norm), and so does the look-ahead: Δ_proxy = D(R)ᵀ M,
-        # D the same per-request linear map at the same keys (``post``: its scale and unreachable direction, n × d)
+        # D the same per-request linear map at the same keys (``post``: its scale and unreachable direction, d × n)
         norm = post_norm_module(model, layout, self.L)
         self.post = None
         if norm is not None:
             scale, v = post_norm_map(norm, get_weight(model, layout, self.L).detach(), self.K.detach())
-            self.post = (scale.T.to(dev, self.dt), v.T.to(dev, self.dt))
+            self.post = (scale.to(dev, self.dt), v.to(dev, self.dt))
         self.V_init = V_init.detach().to(dev, self.dt)
         self.tcfg = replace(tcfg, kl_prompt=cfg.loc_prompt, kl_direction=cfg.kl_direction)
         # the gate's keys above stay the solver's (context-averaged); only the meta-loss prompts x_e may be bare
@@ -177,7 +177,7 @@ class MetaObjective:
         (rows: requests, so the map's columns are its rows)."""
         R = V - self.H
         if self.post is not None:
-            R = apply_post_norm_map(self.post[0].T, self.post[1].T, R.T).T
+            R = apply_post_norm_map(*self.post, R.T).T
         return R.detach() if self.cfg.feedback == "stop_grad" else R
 
     def row_chunks(self) -> list[torch.Tensor]:
@@ -246,8 +246,7 @@ def solved_meta_loss(obj: MetaObjective, tok, layout, solver, layers: list[int],
         for l, K, R in layer_residuals(layers, V, keys, states):
             norm = post_norm_module(model, layout, l)
             if norm is not None:  # as the write (editing.apply_batch), differentiably
-                scale, v = post_norm_map(norm, get_weight(model, layout, l), K)
-                R = apply_post_norm_map(scale, v, R.to(scale.dtype)).to(R.dtype)
+                R = through_post_norm(norm, get_weight(model, layout, l), K, R)
             delta = solver.solve(l, K, R)
             stack.enter_context(add_to_output(edited_module(model, layout, l), lambda x, D=delta: x.to(D.dtype) @ D.T))
         return obj.loss_in_current_model(V, start=min(layers))[0]
