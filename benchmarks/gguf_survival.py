@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lit_edit import sources
     from lit_edit.cli import load_config
-    from lit_edit.data import read_requests
+    from lit_edit.data import config_requests
     from lit_edit.gguf_export import export_gguf
     from lit_edit.layouts import edited_weights, get_layout
     from lit_edit.models import load_model
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     m, d = cfg["model"], cfg["data"]
     offset = args.offset if args.offset is not None else (d.get("offset") or 0)
     limit = args.limit if args.limit is not None else d.get("limit")
-    requests = read_requests(d.get("dataset", "counterfact"), str(ROOT / d["path"]), limit=offset + limit)[offset:]
+    requests = config_requests(d, ROOT, offset, offset + limit)
     source = sources.gguf_file(m["model"])
     model, tok, _ = load_model(m["model"])
     if args.export:

@@ -79,7 +79,7 @@ def baseline(config: str, n_base: int, sets: list[tuple[str, str]] = ()) -> dict
     import yaml
 
     from lit_edit.cli import load_config  # the config as the CLI reads it (its base: chain expanded)
-    from lit_edit.data import read_requests
+    from lit_edit.data import config_requests
     from lit_edit.layouts import get_layout
     from lit_edit.metrics import score_targets, score_targets_whole, scored_pairs
     from lit_edit.models import generate_context_templates, load_model
@@ -98,8 +98,7 @@ def baseline(config: str, n_base: int, sets: list[tuple[str, str]] = ()) -> dict
     model.requires_grad_(False).eval()
     layout = get_layout(model)
     offset = d.get("offset") or 0
-    path = d["path"] if str(d["path"]).startswith("world") else str(ROOT / d["path"])
-    requests = read_requests(d.get("dataset", "counterfact"), path, limit=n_base + offset)[offset:]
+    requests = config_requests(d, ROOT, offset, offset + n_base)
     ctx = generate_context_templates(model, tok, m.get("context_templates", [[10, 5]]), m.get("context_seed", 0))
     tcfg = method_target_config(m["method"])
     layer = max(m["layers"])

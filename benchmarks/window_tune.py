@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lit_edit.cli import load_config  # noqa: E402
-from lit_edit.data.readers import read_requests  # noqa: E402
+from lit_edit.data import config_requests  # noqa: E402
 from lit_edit.layouts import get_layout  # noqa: E402
 from lit_edit.models import load_model  # noqa: E402
 from lit_edit.muke import METHODS, WindowConfig, optimise_windows  # noqa: E402
@@ -52,8 +52,7 @@ def dev_records(cfg: dict, records: list[int]) -> list:
     if bad:
         raise SystemExit(f"--records {bad}: the config reports records from data.offset {first_reported} on; choose "
                          f"settings on records 0-{first_reported - 1} only")
-    path = str((ROOT / data["path"]).resolve()) if not Path(data["path"]).is_absolute() else data["path"]
-    reqs = read_requests(data["dataset"], path, limit=max(records) + 1)
+    reqs = config_requests(data, ROOT, 0, max(records) + 1)
     return [reqs[i] for i in records]
 
 

@@ -572,3 +572,18 @@ def test_world_spec_resolves_to_the_world_counterfact_file(tmp_path, monkeypatch
     requests = dm.requests
     dm.setup("fit")  # idempotent: not read again
     assert dm.requests is requests
+
+
+def test_config_requests_reads_a_configs_records_from_the_checkout(tmp_path):
+    """benchmarks/ read a config's records outside the fit loop: a relative data.path is taken from the given root
+    (not the working directory), an absolute one as it is, and records start … stop − 1 come back in file order."""
+    from lit_edit.data import config_requests, read_requests
+
+    records = [{"case_id": i, "requested_rewrite": {"prompt": "{} plays", "subject": f"Player {i}",
+                                                    "target_new": {"str": "chess"}, "target_true": {"str": "go"}}}
+               for i in range(6)]
+    (tmp_path / "cf.json").write_text(json.dumps(records))
+    rel = config_requests({"path": "cf.json"}, tmp_path, 2, 5)
+    absolute = config_requests({"dataset": "counterfact", "path": str(tmp_path / "cf.json")}, "/nonexistent", 2, 5)
+    assert [r.case_id for r in rel] == [r.case_id for r in absolute] == [2, 3, 4]
+    assert [r.case_id for r in read_requests("counterfact", str(tmp_path / "cf.json"))][2:5] == [2, 3, 4]

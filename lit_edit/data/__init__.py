@@ -36,8 +36,8 @@ from lit_edit.data.files import (EditDataError, RECORD_SUFFIXES, check_records_f
 from lit_edit.data.lengths import (check_length, check_lengths, check_structured_length,  # noqa: F401
                                    check_structured_lengths, request_lengths)
 from lit_edit.data.longform import AKEW_REWRITES, read_akew, read_editeverything, read_unke, read_world_long  # noqa: F401
-from lit_edit.data.readers import (READERS, WORLD_SPEC_READERS, read_requests, requests_from_records,  # noqa: F401
-                                   resolve_records_path)
+from lit_edit.data.readers import (READERS, WORLD_SPEC_READERS, config_requests, read_requests,  # noqa: F401
+                                   requests_from_records, resolve_records_path)
 from lit_edit.data.records import ON_INVALID, ZSRE_TARGET_FIELDS, check_unique_case_ids, is_world_spec  # noqa: F401
 from lit_edit.data.structured import read_counterfact, read_world, read_zsre  # noqa: F401
 from lit_edit.data.stream import (EditDataModule, EditLoader, StreamCursor, StreamStateError,  # noqa: F401

@@ -72,3 +72,13 @@ def read_requests(
     requests = READERS[kind](path, split=split, limit=limit, **options)
     check_unique_case_ids(requests)  # readers check too; this guards readers added later
     return requests
+
+
+def config_requests(data: dict, root: str | Path, start: int, stop: int) -> list[EditRequest]:
+    """Records ``start`` … ``stop − 1`` of the stream a config's ``data`` section names (``dataset``, default
+    counterfact; ``path``, a world spec, an absolute path, or a path relative to ``root``, the checkout the config's
+    paths are written from), for scripts that read a config's records outside the fit loop (benchmarks/)."""
+    path = str(data["path"])
+    if not (is_world_spec(path) or Path(path).is_absolute()):
+        path = str(Path(root) / path)
+    return read_requests(data.get("dataset", "counterfact"), path, limit=stop)[start:stop]
